@@ -1,0 +1,24 @@
+"""gradwatch: per-layer gradient monitoring, statistical explosion detection and
+adaptive clipping for PyTorch, with no host synchronisation on the training step.
+
+Quick use::
+
+    import gradwatch
+    monitor = gradwatch.attach(model, optimizer=optimizer)
+    ...
+    loss.backward()
+    monitor.step()          # measure, detect, clip in place
+    optimizer.step()
+
+``import gradwatch`` imports torch and nothing heavier; pandas is imported when a
+table is asked for.
+"""
+
+from __future__ import annotations
+
+from .config import MonitorConfig
+from .monitor import GradMonitor, StepResult, attach
+
+__all__ = ["GradMonitor", "MonitorConfig", "StepResult", "attach", "__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""Configuration of a :class:`~gradwatch.GradMonitor`.
+
+Every field is validated when the config is built, so a bad value fails before
+training starts, with a message that names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+CLIP_MODES = ("auto", "norm", "value", "agc", "zscore", "percentile", "none")
+NONFINITE_MODES = ("skip", "zero")
+GRANULARITIES = ("module", "parameter")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    """What the monitor measures, how it detects explosions and how it clips.
+
+    Read the README's "Clipping modes" section for when each ``clip`` mode is the
+    right one.
+    """
+
+    clip: str = "auto"
+    """How to clip: ``"auto"``, ``"norm"``, ``"value"``, ``"agc"``, ``"zscore"``,
+    ``"percentile"`` or ``"none"`` (monitor and detect only)."""
+
+    max_norm: float | None = None
+    """Fixed norm threshold. Required by ``clip="norm"``; in the adaptive modes
+    (``auto``, ``zscore``, ``percentile``) an optional hard ceiling that also holds
+    during warm-up."""
+
+    clip_value: float | None = None
+    """Fixed element threshold, required by ``clip="value"``."""
+
+    clip_factor: float = 0.01
+    """``clip="agc"``: a unit's gradient norm may be at most this fraction of the
+    unit's weight norm (Brock et al., 2021)."""
+
+    agc_eps: float = 1e-3
+    """``clip="agc"``: floor on the weight norm, so zero-initialised units can move."""
+
+    percentile: float = 90.0
+    """``clip="percentile"``: the norm threshold is this percentile (0-100] of the
+    recent global norms."""
+
+    z_threshold: float = 4.0
+    """A layer's (or the model's) log gradient norm this many standard deviations
+    above its running mean is an explosion."""
+
+    concentration_z: float = 3.0
+    """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many
+    standard deviations above its normal is treated as an outlier in a few
+    components and clipped by value; otherwise the step is clipped by norm."""
+
+    skip_threshold: float | None = None
+    """If set, a z-score at or above it is catastrophic: the optimizer step is
+    skipped instead of clipped. Must be above ``z_threshold``."""
+
+    ema_decay: float = 0.98
+    """Decay of the running mean and variance of each log norm (0-1)."""
+
+    warmup_steps: int = 25
+    """Steps of statistics a layer needs before it can be flagged or clipped by the
+    adaptive modes."""
+
+    min_std: float = 0.1
+    """Floor on the standard deviation of a log norm (natural log), so a very steady
+    layer is not flagged for a ten percent wobble."""
+
+    window: int = 128
+    """Number of recent steps kept per layer for quantiles."""
+
+    nonfinite: str = "skip"
+    """What to do with a step whose gradients hold NaN or Inf. ``"skip"``: the
+    optimizer step is skipped (parameters and optimizer state stay unchanged; needs
+    ``optimizer``, otherwise the gradients are zeroed). ``"zero"``: the gradients of
+    that step are zeroed, with no host synchronisation for any optimizer."""
+
+    granularity: str = "module"
+    """``"module"``: a layer is a module that directly owns parameters.
+    ``"parameter"``: every parameter is its own layer."""
+
+    group_depth: int | None = None
+    """Group layers by the first ``group_depth`` components of their name
+    (``encoder.layers.3.attn.q`` with depth 3 is ``encoder.layers.3``)."""
+
+    group_prefixes: tuple[str, ...] | None = None
+    """Group every parameter under the longest of these name prefixes that it
+    starts with; others keep their own layer."""
+
+    group_pattern: str | None = None
+    """Regular expression matched against parameter names; the layer is its first
+    group (or the whole match). Parameters that do not match keep their own layer."""
+
+    log_every: int = 50
+    """Per-step values are buffered on the device and copied to the host in one
+    transfer every ``log_every`` steps."""
+
+    history_limit: int | None = None
+    """Keep at most this many steps of per-layer history in memory (oldest dropped).
+    ``None`` keeps everything."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_prefixes, (list, str)):
+            self.group_prefixes = (
+                (self.group_prefixes,)
+                if isinstance(self.group_prefixes, str)
+                else tuple(self.group_prefixes)
+            )
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field, its value and the fix."""
+        _choice("clip", self.clip, CLIP_MODES)
+        _choice("nonfinite", self.nonfinite, NONFINITE_MODES)
+        _choice("granularity", self.granularity, GRANULARITIES)
+        if self.max_norm is not None:
+            _positive("max_norm", self.max_norm)
+        if self.clip_value is not None:
+            _positive("clip_value", self.clip_value)
+        if self.clip == "norm" and self.max_norm is None:
+            raise ValueError(
+                "max_norm=None: clip='norm' needs a fixed threshold; pass max_norm=<float > 0> "
+                "(for example 1.0), or use clip='zscore' for an adaptive one"
+            )
+        if self.clip == "value" and self.clip_value is None:
+            raise ValueError(
+                "clip_value=None: clip='value' needs a fixed threshold; pass "
+                "clip_value=<float > 0> (for example 1.0)"
+            )
+        _positive("clip_factor", self.clip_factor)
+        _positive("agc_eps", self.agc_eps)
+        _in_range("percentile", self.percentile, 0.0, 100.0, low_open=True)
+        _positive("z_threshold", self.z_threshold)
+        _positive("concentration_z", self.concentration_z)
+        if self.skip_threshold is not None:
+            _positive("skip_threshold", self.skip_threshold)
+            if self.skip_threshold <= self.z_threshold:
+                raise ValueError(
+                    f"skip_threshold={self.skip_threshold!r} must be greater than "
+                    f"z_threshold={self.z_threshold!r}: steps are clipped above z_threshold "
+                    "and skipped only above skip_threshold; raise it or pass None"
+                )
+        _in_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        _integer("warmup_steps", self.warmup_steps, minimum=1)
+        _positive("min_std", self.min_std)
+        _integer("window", self.window, minimum=2)
+        _integer("log_every", self.log_every, minimum=1)
+        if self.history_limit is not None:
+            _integer("history_limit", self.history_limit, minimum=1)
+
+        groupings = [
+            name
+            for name in ("group_depth", "group_prefixes", "group_pattern")
+            if getattr(self, name) is not None
+        ]
+        if len(groupings) > 1:
+            raise ValueError(
+                f"{groupings[0]} and {groupings[1]} are both set: layers can be grouped "
+                "one way only; keep one of group_depth, group_prefixes, group_pattern"
+            )
+        if groupings and self.granularity != "module":
+            raise ValueError(
+                f"granularity={self.granularity!r} with {groupings[0]}: grouping merges "
+                "module layers; use granularity='module' (the default) with a grouping"
+            )
+        if self.group_depth is not None:
+            _integer("group_depth", self.group_depth, minimum=1)
+        if self.group_prefixes is not None:
+            if not self.group_prefixes or not all(
+                isinstance(p, str) and p for p in self.group_prefixes
+            ):
+                raise ValueError(
+                    f"group_prefixes={self.group_prefixes!r} must be a non-empty sequence "
+                    "of non-empty module-name prefixes, for example ('encoder', 'decoder')"
+                )
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except (re.error, TypeError) as err:
+                raise ValueError(
+                    f"group_pattern={self.group_pattern!r} is not a valid regular "
+                    f"expression ({err}); pass a pattern such as r'layers\\.\\d+'"
+                ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python view of the config, for ``wandb.config`` and reports."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MonitorConfig:
+        """Build a config from :meth:`to_dict` output (unknown keys raise)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown MonitorConfig field(s) {unknown}; valid fields are {sorted(names)}"
+            )
+        return cls(**values)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(name: str, value: Any) -> None:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
+
+
+def _in_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = _is_real(value) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} must be in {lo}{low:g}, {high:g}{hi}")
+
+
+def _integer(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")

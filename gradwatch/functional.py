@@ -1,0 +1,191 @@
+"""Pure gradient kernels: per-tensor norms, per-layer reductions and in-place clipping.
+
+Everything here is stateless and runs under ``torch.no_grad``. None of it reads a
+tensor's value on the host: decisions arrive as tensors (coefficients, thresholds,
+flags) and are applied unconditionally, the way ``torch.nn.utils.clip_grad_norm_``
+multiplies by a clamped coefficient instead of branching on it. A Python ``if`` on a
+tensor would force a device synchronisation on every step.
+
+Tensors are grouped by (device, dtype) so each group costs one ``torch._foreach_*``
+call instead of one kernel launch per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """Positions (into a list of tensors) that share a device and dtype.
+
+    ``index`` holds the same positions as a tensor on the device where per-tensor
+    results are gathered, built once so no step pays a host-to-device copy for it.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    indices: tuple[int, ...]
+    index: Tensor
+
+
+def group_by_device_and_dtype(
+    tensors: Sequence[Tensor], out_device: torch.device
+) -> list[TensorGroup]:
+    """Group tensor positions by (device, dtype), keeping first-seen order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return [
+        TensorGroup(dev, dt, tuple(idx), torch.tensor(idx, dtype=torch.long, device=out_device))
+        for (dev, dt), idx in groups.items()
+    ]
+
+
+@torch.no_grad()
+def tensor_norms(
+    tensors: Sequence[Tensor],
+    groups: Sequence[TensorGroup],
+    out_device: torch.device,
+    *,
+    with_max_abs: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """L2 norm and max |x| of every tensor, as two fp32 vectors in input order.
+
+    Norms are accumulated in fp32 whatever the tensor dtype: an fp16 gradient whose
+    norm exceeds 65504 reads as its true value, not ``inf``. NaN anywhere in a tensor
+    makes its norm NaN and an Inf makes it Inf, so non-finite gradients show up in
+    the result without a separate pass.
+
+    Args:
+        tensors: the gradients.
+        groups: their (device, dtype) grouping, from :func:`group_by_device_and_dtype`.
+        out_device: device of the returned vectors.
+        with_max_abs: also return the max-abs vector (one more read of the tensors).
+
+    Returns:
+        ``(norms, max_abs)``, each of shape ``(len(tensors),)``; ``max_abs`` is
+        ``None`` when not asked for.
+    """
+    n = len(tensors)
+    if len(groups) == 1:  # the common case: one device, one dtype, already in order
+        norms = _on(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)), out_device)
+        max_abs = None
+        if with_max_abs:
+            max_abs = _on(
+                torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32)),
+                out_device,
+            )
+        return norms, max_abs
+    norms = torch.empty(n, dtype=torch.float32, device=out_device)
+    max_abs = torch.empty(n, dtype=torch.float32, device=out_device) if with_max_abs else None
+    for g in groups:
+        ts = [tensors[i] for i in g.indices]
+        # One fused call per group; dtype=float32 keeps fp16/bf16 norms exact and finite.
+        part = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+        norms.index_copy_(0, g.index, _on(part, out_device))
+        if max_abs is not None:
+            part = torch.stack(torch._foreach_norm(ts, float("inf"), dtype=torch.float32))
+            max_abs.index_copy_(0, g.index, _on(part, out_device))
+    return norms, max_abs
+
+
+def layer_sum_of_squares(norms: Tensor, layer_index: Tensor, num_layers: int) -> Tensor:
+    """Sum the squared tensor norms of each layer (``index_add``: no host sync)."""
+    out = torch.zeros(num_layers, dtype=torch.float32, device=norms.device)
+    return out.index_add_(0, layer_index, norms.square())
+
+
+def layer_max(values: Tensor, layer_index: Tensor, num_layers: int) -> Tensor:
+    """Per-layer maximum of non-negative per-tensor values (NaN propagates)."""
+    out = torch.zeros(num_layers, dtype=torch.float32, device=values.device)
+    return out.scatter_reduce_(0, layer_index, values, reduce="amax", include_self=True)
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def scale_(tensors: Sequence[Tensor], groups: Sequence[TensorGroup], coef: Tensor) -> None:
+    """Multiply every tensor in place by the 0-dim tensor ``coef``.
+
+    Used for norm clipping: the coefficient is already clamped to at most 1, so
+    multiplying always (even by exactly 1.0) avoids reading its value on the host.
+    """
+    for g in groups:
+        ts = [tensors[i] for i in g.indices]
+        torch._foreach_mul_(ts, _on(coef, g.device).to(g.dtype))
+
+
+@torch.no_grad()
+def clamp_(
+    tensors: Sequence[Tensor], groups: Sequence[TensorGroup], thresholds: Tensor
+) -> None:
+    """Clamp tensor ``i`` in place to ``[-thresholds[i], thresholds[i]]``.
+
+    An infinite threshold leaves a tensor unchanged. Thresholds are 0-dim device
+    tensors, so no value crosses to the host.
+    """
+    for g in groups:
+        ts = [tensors[i] for i in g.indices]
+        index = g.index if len(groups) > 1 else None
+        # Cast to the gradient dtype, saturating: fp16 cannot hold a bound above 65504,
+        # and an out-of-range bound simply means "no clamp" for that tensor.
+        finfo = torch.finfo(g.dtype)
+        bounds = thresholds if index is None else thresholds.index_select(0, index)
+        bounds = bounds.clamp(max=finfo.max)
+        hi = _on(bounds, g.device).to(g.dtype)
+        torch._foreach_clamp_max_(ts, list(hi.unbind()))
+        torch._foreach_clamp_min_(ts, list((-hi).unbind()))
+
+
+@torch.no_grad()
+def zero_where_(tensors: Sequence[Tensor], flag: Tensor) -> None:
+    """Set every tensor to zero where the 0-dim bool ``flag`` is true (NaN-safe)."""
+    for t in tensors:
+        # masked_fill_ with a 0-dim mask broadcasts; multiplying by 0 would keep NaN.
+        t.masked_fill_(_on(flag, t.device), 0)
+
+
+def unitwise_norm(x: Tensor) -> Tensor:
+    """Norm of each output unit (dim 0) of a weight; whole-tensor norm for 0/1-D."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, dtype=torch.float32)
+    return torch.linalg.vector_norm(
+        x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32
+    )
+
+
+@torch.no_grad()
+def agc_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    clip_factor: float,
+    eps: float,
+    out_device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Unit-wise adaptive gradient clipping (Brock et al., 2021), in place.
+
+    Each unit's gradient norm is capped at ``clip_factor * max(||w_unit||, eps)``,
+    as in timm's ``adaptive_clip_grad``.
+
+    Returns:
+        ``(post_norms, clipped)``: the fp32 L2 norm of every gradient after clipping,
+        and a 0-dim bool tensor, true when any unit was clipped.
+    """
+    post = torch.empty(len(grads), dtype=torch.float32, device=out_device)
+    clipped = torch.zeros((), dtype=torch.bool, device=out_device)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        w_norm = unitwise_norm(p.detach()).clamp_min(eps)
+        g_norm = unitwise_norm(g)
+        max_norm = w_norm * clip_factor
+        coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), 1.0)
+        clipped = clipped | _on((g_norm > max_norm).any(), out_device)
+        g.mul_(coef.to(g.dtype))
+        post[i] = _on(torch.linalg.vector_norm(g, dtype=torch.float32), out_device)
+    return post, clipped

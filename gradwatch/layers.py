@@ -1,0 +1,158 @@
+"""Which parameters make up which "layer", and the per-step plan for reading them.
+
+A layer is, by default, a module that directly owns parameters, named by its
+qualified name (``encoder.layers.3.attn``). ``granularity="parameter"`` makes every
+parameter its own layer; ``group_depth``, ``group_prefixes`` and ``group_pattern``
+merge layers so a model with thousands of tensors yields a readable set.
+
+Every parameter of the model is included, frozen ones too: a frozen parameter has no
+gradient and is simply absent from the steps where that is so, and a parameter that
+is unfrozen later is monitored from then on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import MonitorConfig
+from .functional import TensorGroup, group_by_device_and_dtype
+
+ROOT_LAYER = "(root)"
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """The model's layers and the parameters that belong to each.
+
+    Attributes:
+        names: layer names, in the order their first parameter appears.
+        param_names: qualified names of all parameters.
+        params: the parameters, aligned with ``param_names``.
+        param_layer: the layer index of each parameter.
+    """
+
+    names: tuple[str, ...]
+    param_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+    param_layer: tuple[int, ...]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: MonitorConfig) -> LayerTable:
+        """Build the table of ``model``'s layers as ``config`` asks."""
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError(
+                f"model={type(model).__name__} has no parameters: there are no gradients "
+                "to monitor; attach gradwatch to the module you train"
+            )
+        layer_of = _layer_namer(config)
+        names: dict[str, int] = {}
+        param_layer = []
+        for pname, _ in named:
+            lname = layer_of(pname)
+            param_layer.append(names.setdefault(lname, len(names)))
+        return cls(
+            names=tuple(names),
+            param_names=tuple(n for n, _ in named),
+            params=tuple(p for _, p in named),
+            param_layer=tuple(param_layer),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One record per layer: name, parameter names, element count, shapes."""
+        out = [
+            {"layer": n, "index": i, "params": [], "numel": 0, "shapes": []}
+            for i, n in enumerate(self.names)
+        ]
+        for pname, p, li in zip(self.param_names, self.params, self.param_layer):
+            rec = out[li]
+            rec["params"].append(pname)
+            rec["numel"] += p.numel()
+            rec["shapes"].append(list(p.shape))
+        return out
+
+
+def _module_of(param_name: str) -> str:
+    module, _, _ = param_name.rpartition(".")
+    return module or ROOT_LAYER
+
+
+def _layer_namer(config: MonitorConfig):
+    if config.granularity == "parameter":
+        return lambda name: name
+    if config.group_depth is not None:
+        depth = config.group_depth
+
+        def by_depth(name: str) -> str:
+            module = _module_of(name)
+            if module == ROOT_LAYER:
+                return module
+            return ".".join(module.split(".")[:depth])
+
+        return by_depth
+    if config.group_prefixes is not None:
+        prefixes = sorted(config.group_prefixes, key=len, reverse=True)
+
+        def by_prefix(name: str) -> str:
+            for prefix in prefixes:
+                if name == prefix or name.startswith(prefix + "."):
+                    return prefix
+            return _module_of(name)
+
+        return by_prefix
+    if config.group_pattern is not None:
+        pattern = re.compile(config.group_pattern)
+
+        def by_pattern(name: str) -> str:
+            m = pattern.match(name)
+            if m is None:
+                return _module_of(name)
+            return (m.group(1) if pattern.groups else m.group(0)) or _module_of(name)
+
+        return by_pattern
+    return _module_of
+
+
+@dataclass(frozen=True)
+class GradPlan:
+    """How to read the gradients present at a step, built once per presence pattern.
+
+    Attributes:
+        positions: indices (into the layer table's params) that have a gradient.
+        groups: (device, dtype) groups over those positions.
+        layer_index: layer of each present gradient, on the statistics device.
+        layer_present: which layers have at least one gradient, on that device.
+        layer_numel: elements of the present gradients per layer, fp32, on that device.
+    """
+
+    positions: tuple[int, ...]
+    groups: list[TensorGroup]
+    layer_index: Tensor
+    layer_present: Tensor
+    layer_numel: Tensor
+
+    @classmethod
+    def build(
+        cls, table: LayerTable, positions: tuple[int, ...], device: torch.device
+    ) -> GradPlan:
+        grads = [table.params[i].grad for i in positions]
+        layer_ids = [table.param_layer[i] for i in positions]
+        numel = [0] * table.num_layers
+        for i, li in zip(positions, layer_ids):
+            numel[li] += table.params[i].numel()
+        return cls(
+            positions=positions,
+            groups=group_by_device_and_dtype(grads, device),
+            layer_index=torch.tensor(layer_ids, dtype=torch.long, device=device),
+            layer_present=torch.tensor([n > 0 for n in numel], dtype=torch.bool, device=device),
+            layer_numel=torch.tensor(numel, dtype=torch.float32, device=device),
+        )

@@ -1,0 +1,595 @@
+"""The gradient monitor: measure every layer, learn its normal, detect, clip.
+
+Call :meth:`GradMonitor.step` once per optimizer step, after the gradients are final
+(after accumulation and ``GradScaler.unscale_``) and before ``optimizer.step()``.
+
+What one step does, all on the device and without reading any value on the host:
+
+1. one fused pass for the L2 norm and one for the max |g| of every gradient (fp32
+   accumulation), reduced to per-layer norms, max |g| and concentration
+   (max |g| / RMS of g);
+2. z-scores of their logs against bias-corrected running means and deviations;
+3. a decision (clip by norm or value, skip, or nothing) expressed as tensors: a norm
+   coefficient clamped to at most 1, per-layer value thresholds (``inf`` for none),
+   a skip flag; applied unconditionally, like ``torch.nn.utils.clip_grad_norm_``;
+4. a robust update of the statistics (values beyond the threshold are fed back
+   clipped, non-finite values never enter);
+5. one row written into a device buffer. Every ``log_every`` steps the buffer goes to
+   the host in one transfer; that is the only host synchronisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .config import MonitorConfig
+from .layers import GradPlan, LayerTable
+from .records import (
+    ACTIONS,
+    CLIP_NORM,
+    CLIP_VALUE,
+    NONE,
+    SKIP,
+    HostRecord,
+    RowLayout,
+    nan_if_inf,
+)
+from .skip import OptimizerGate, supports_found_inf
+from .stats import EmaStats, RecentWindow
+
+STATE_VERSION = 1
+
+# Below this many updates a channel is fed raw values; from then on values are
+# winsorised at the detection threshold, so one early spike cannot inflate the
+# variance for hundreds of steps.
+_ROBUST_AFTER = 5
+
+
+class StepResult:
+    """What :meth:`GradMonitor.step` measured and did at one step.
+
+    The values live on the device. Reading any property copies this step's row to
+    the host once (a device synchronisation on an accelerator); later reads reuse
+    that copy. Leave the result unread in the training loop to stay sync-free.
+    """
+
+    def __init__(self, step: int, row: Tensor, layout: RowLayout, layer_names: tuple[str, ...]):
+        self.step = step
+        self._row = row
+        self._layout = layout
+        self._layer_names = layer_names
+        self._host: np.ndarray | None = None
+
+    def _values(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self._row.cpu().numpy()  # host sync, on request only
+        return self._host
+
+    def _get(self, name: str) -> float:
+        return float(self._values()[self._layout.step[name]])
+
+    @property
+    def global_norm(self) -> float:
+        """L2 norm of all gradients before clipping (synchronises)."""
+        return self._get("global_norm")
+
+    @property
+    def clipped_norm(self) -> float:
+        """L2 norm of all gradients after clipping (synchronises)."""
+        return self._get("clipped_norm")
+
+    @property
+    def threshold(self) -> float:
+        """Norm threshold in effect (the value threshold in ``clip="value"``); NaN when
+        there is none yet (warm-up) or the mode has no single one (``agc``)."""
+        return self._get("threshold")
+
+    @property
+    def action(self) -> str:
+        """``"none"``, ``"clip_norm"``, ``"clip_value"`` or ``"skip"`` (synchronises)."""
+        return ACTIONS[int(self._get("action"))]
+
+    @property
+    def explosion(self) -> bool:
+        """Whether a z-score exceeded ``z_threshold`` at this step (synchronises)."""
+        return bool(self._get("explosion"))
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether any gradient held NaN or Inf (synchronises)."""
+        return bool(self._get("nonfinite"))
+
+    @property
+    def flagged_layers(self) -> list[str]:
+        """Layers whose z-score exceeded ``z_threshold``, most anomalous first."""
+        v = self._values()
+        lay = self._layout.layer
+        flagged = np.flatnonzero(v[lay["flagged"]] > 0)
+        z = v[lay["z"]]
+        return [self._layer_names[i] for i in flagged[np.argsort(-z[flagged], kind="stable")]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """All step-level values as plain Python (synchronises)."""
+        return {
+            "step": self.step,
+            "global_norm": self.global_norm,
+            "clipped_norm": self.clipped_norm,
+            "threshold": self.threshold,
+            "action": self.action,
+            "explosion": self.explosion,
+            "nonfinite": self.nonfinite,
+            "flagged_layers": self.flagged_layers,
+        }
+
+    def __repr__(self) -> str:
+        return f"StepResult(step={self.step}, <on device; read a property to see values>)"
+
+
+class GradMonitor:
+    """Watches a model's gradients, learns their normal range, detects and clips.
+
+    Prefer :func:`gradwatch.attach`. Args as there.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer. With it, a step with non-finite gradients (or one
+            beyond ``skip_threshold``) is skipped so parameters and optimizer state
+            stay unchanged; without it, such gradients are zeroed instead.
+        scaler: the ``torch.amp.GradScaler`` in use, if any. Non-finite steps are then
+            recorded as ``amp_overflow`` and left for the scaler to skip.
+        config: a :class:`MonitorConfig`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        config: MonitorConfig | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model={type(model).__name__} is not a torch.nn.Module; pass the module "
+                "being trained"
+            )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer; pass "
+                "the optimizer you call step() on, or None"
+            )
+        self.config = config if config is not None else MonitorConfig()
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.layers = LayerTable.from_model(model, self.config)
+        self.device = self.layers.params[0].device
+        n = self.layers.num_layers
+        self._layout = RowLayout(n)
+        # Channels: [model log-norm, layer log-norms (L), layer log max|g| (L),
+        # layer log concentration (L)].
+        self._stats = EmaStats(1 + 3 * n, self.config.ema_decay, self.device)
+        self._window = RecentWindow(1 + n, self.config.window, self.device)
+        self._record = HostRecord(self._layout, self.layers.names, self.config,
+                                  self.config.history_limit)
+        self._buffer = torch.empty(
+            (self.config.log_every, self._layout.width), dtype=torch.float32, device=self.device
+        )
+        self._pending = 0
+        self._step = 0
+        self._plans: dict[tuple[int, ...], GradPlan] = {}
+        self._warned_scaled = False
+        self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
+        self._gate = self._make_gate()
+        self._record.skip_how = self._skip_description()
+        self._attached = True
+
+    # ------------------------------------------------------------------ setup
+    def _skip_enabled(self) -> bool:
+        return (self.config.nonfinite == "skip" and self.scaler is None) or (
+            self.config.skip_threshold is not None
+        )
+
+    def _make_gate(self) -> OptimizerGate | None:
+        if self.optimizer is None or not self._skip_enabled():
+            return None
+        return OptimizerGate(self.optimizer)
+
+    def _skip_description(self) -> str:
+        if self.config.nonfinite == "zero" or self.optimizer is None:
+            return "gradients zeroed"
+        if supports_found_inf(self.optimizer):
+            return "optimizer step skipped (fused found_inf)"
+        return "optimizer step skipped"
+
+    def _plan(self) -> tuple[GradPlan, list[Tensor]]:
+        params = self.layers.params
+        positions = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        plan = self._plans.get(positions)
+        if plan is None:
+            plan = self._plans[positions] = GradPlan.build(self.layers, positions, self.device)
+        return plan, [params[i].grad for i in positions]
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """Measure, update statistics, detect and clip the current gradients in place.
+
+        Call once per optimizer step, after gradients are final (after gradient
+        accumulation and ``scaler.unscale_(optimizer)``), before ``optimizer.step()``.
+        No host synchronisation happens except on every ``log_every``-th step, where
+        the buffered records are copied to the host in one transfer.
+
+        Returns:
+            A :class:`StepResult` (its values stay on the device until read).
+        """
+        if not self._attached:
+            raise RuntimeError("this monitor was detached; attach a new one with gradwatch.attach")
+        cfg = self.config
+        self._check_scaler_stage()
+        plan, grads = self._plan()
+        n = self.layers.num_layers
+        dev = self.device
+
+        # 1. Measure. Per-tensor norms and max|g| in fp32, then per-layer reductions.
+        norms, max_abs = F.tensor_norms(grads, plan.groups, dev)
+        if not grads:
+            norms = max_abs = torch.zeros(0, dtype=torch.float32, device=dev)
+        layer_sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
+        layer_norm = layer_sumsq.sqrt()
+        layer_max = F.layer_max(max_abs, plan.layer_index, n)
+        global_norm = layer_sumsq.sum().sqrt()
+        # NaN/Inf anywhere makes its tensor's norm, hence the sum, non-finite.
+        nonfinite = ~torch.isfinite(global_norm)
+        present = plan.layer_present
+        concentration = torch.where(
+            layer_norm > 0, layer_max * plan.layer_numel.sqrt() / layer_norm, 1.0
+        )
+        x = torch.cat([global_norm.reshape(1), layer_norm, layer_max, concentration]).log()
+        valid = torch.isfinite(x)  # absent layers have norm 0, so log is -inf: invalid
+
+        # 2. Score against the running statistics (state before this step).
+        mean, var = self._stats.moments()
+        std = var.sqrt().clamp_min(cfg.min_std)
+        count = self._stats.count
+        warm = count >= cfg.warmup_steps
+        scored = valid & warm & ~nonfinite
+        z = torch.where(scored, (x - mean) / std, 0.0)
+        norm_z = z[: n + 1]  # model, then layers
+        anomalous = norm_z > cfg.z_threshold
+        explosion = anomalous.any()
+        norm_thr = torch.where(
+            warm[: n + 1], (mean[: n + 1] + cfg.z_threshold * std[: n + 1]).exp(), math.inf
+        )
+        layer_anom = anomalous[1:]
+        conc_z = z[2 * n + 1 :]
+        concentrated = layer_anom & (conc_z > cfg.concentration_z)
+
+        # 3. Decide and clip. Decisions are tensors, applied unconditionally.
+        tau = torch.full((n,), math.inf, device=dev)  # per-layer value thresholds
+        threshold = norm_thr[0]
+        post_layer_norm = layer_norm
+        coef = torch.ones((), device=dev)
+        value_clipped = torch.zeros((), dtype=torch.bool, device=dev)
+        norm_clipped = None  # default: coef < 1
+        mode = cfg.clip
+        if mode == "norm":
+            threshold = torch.full((), cfg.max_norm, device=dev)
+            # The same coefficient as torch.nn.utils.clip_grad_norm_.
+            coef = (cfg.max_norm / (global_norm + 1e-6)).clamp(max=1.0)
+        elif mode == "value":
+            threshold = torch.full((), cfg.clip_value, device=dev)
+            tau = torch.full((n,), cfg.clip_value, device=dev)
+            value_clipped = (layer_max > cfg.clip_value).any()
+        elif mode == "agc":
+            threshold = torch.full((), math.nan, device=dev)
+            params = [self.layers.params[i] for i in plan.positions]
+            post, norm_clipped = F.agc_(params, grads, cfg.clip_factor, cfg.agc_eps, dev)
+            post_layer_norm = F.layer_sum_of_squares(post, plan.layer_index, n).sqrt()
+        elif mode in ("zscore", "percentile"):
+            if mode == "percentile":
+                log_q = self._window.quantile(cfg.percentile / 100.0, rows=slice(0, 1))[0]
+                filled = self._window.filled(rows=slice(0, 1))[0]
+                threshold = torch.where(filled >= cfg.warmup_steps, log_q.exp(), math.inf)
+            threshold = self._ceiling(threshold)
+            coef = torch.where(global_norm > threshold, threshold / global_norm, 1.0)
+        elif mode == "auto":
+            # Outliers in a few components: value-clip those layers at their own
+            # typical max|g| plus z_threshold deviations, sparing the other components.
+            lm = slice(n + 1, 2 * n + 1)
+            tau = torch.where(
+                concentrated, (mean[lm] + cfg.z_threshold * std[lm]).exp(), math.inf
+            )
+            value_clipped = concentrated.any()
+            threshold = self._ceiling(threshold)
+
+        if mode in ("value", "auto"):
+            F.clamp_(grads, plan.groups, tau.index_select(0, plan.layer_index))
+            post_norms, _ = F.tensor_norms(grads, plan.groups, dev, with_max_abs=False)
+            post_layer_norm = F.layer_sum_of_squares(post_norms, plan.layer_index, n).sqrt()
+        if mode == "auto":
+            # Diffuse growth: whatever still exceeds its threshold after value clipping
+            # is scaled down by one coefficient for the whole model (direction kept).
+            post_global = post_layer_norm.square().sum().sqrt()
+            post = torch.cat([post_global.reshape(1), post_layer_norm])
+            ratios = torch.where(anomalous & (post > norm_thr), norm_thr / post, 1.0)
+            coef = ratios.min().clamp(max=1.0)
+            if cfg.max_norm is not None:
+                coef = torch.minimum(
+                    coef,
+                    torch.where(post_global > cfg.max_norm, cfg.max_norm / post_global, 1.0),
+                )
+        if mode in ("norm", "zscore", "percentile", "auto"):
+            # Never make a non-finite step worse: NaN * coef is still NaN, but a NaN
+            # coefficient would spread it to every finite gradient.
+            coef = torch.where(torch.isfinite(coef), coef, 1.0)
+            F.scale_(grads, plan.groups, coef)
+            post_layer_norm = post_layer_norm * coef
+        if norm_clipped is None:
+            norm_clipped = coef < 1.0
+
+        # Skip: a z-score beyond skip_threshold, or non-finite gradients (unless a
+        # GradScaler is attached: it skips overflow steps itself).
+        skip_z = torch.zeros((), dtype=torch.bool, device=dev)
+        if cfg.skip_threshold is not None:
+            skip_z = (norm_z >= cfg.skip_threshold).any() & ~nonfinite
+        self._skip_(grads, skip_z, nonfinite)
+        action = torch.where(
+            nonfinite | skip_z,
+            SKIP,
+            torch.where(value_clipped, CLIP_VALUE, torch.where(norm_clipped, CLIP_NORM, NONE)),
+        )
+
+        # 4. Robust statistics update: winsorise at the detection threshold.
+        robust = count >= min(_ROBUST_AFTER, cfg.warmup_steps)
+        bound = cfg.z_threshold * std
+        fed = torch.where(robust, torch.clamp(x, mean - bound, mean + bound), x)
+        update = valid & ~nonfinite
+        self._stats.update(fed, update)
+        self._window.push(fed[: n + 1], update[: n + 1], self._step)
+
+        # 5. Record.
+        clipped_norm = post_layer_norm.square().sum().sqrt()
+        row = self._layout.build(
+            {
+                "global_norm": global_norm,
+                "clipped_norm": clipped_norm,
+                "threshold": nan_if_inf(threshold),
+                "action": action,
+                "explosion": explosion & ~nonfinite,
+                "nonfinite": nonfinite,
+                "amp": self._amp_flag,
+                "z": norm_z[0],
+                "typical_norm": mean[0].exp(),
+                "coef": coef,
+                "skip_z": skip_z,
+            },
+            {
+                "grad_norm": torch.where(present, layer_norm, math.nan),
+                "clipped_norm": torch.where(present, post_layer_norm, math.nan),
+                "z": norm_z[1:],
+                "typical_norm": mean[1 : n + 1].exp(),
+                "norm_threshold": nan_if_inf(norm_thr[1:]),
+                "max_abs": torch.where(present, layer_max, math.nan),
+                "concentration": torch.where(present, concentration, math.nan),
+                "concentration_z": conc_z,
+                "value_threshold": tau,
+                "flagged": layer_anom & ~nonfinite,
+                "present": present,
+            },
+        )
+        self._buffer[self._pending].copy_(row)
+        self._pending += 1
+        result = StepResult(self._step, row, self._layout, self.layers.names)
+        self._step += 1
+        if self._pending == cfg.log_every:
+            self.flush()
+        return result
+
+    def _ceiling(self, threshold: Tensor) -> Tensor:
+        if self.config.max_norm is None:
+            return threshold
+        return threshold.clamp(max=self.config.max_norm)
+
+    def _skip_(self, grads: list[Tensor], skip_z: Tensor, nonfinite: Tensor) -> None:
+        """Make sure a skipped step changes nothing, by the cheapest route available."""
+        cfg = self.config
+        own_nonfinite = self.scaler is None  # with a scaler, overflow is the scaler's job
+        skip = skip_z
+        zero = None
+        if own_nonfinite and cfg.nonfinite == "skip":
+            skip = skip | nonfinite
+        elif own_nonfinite:  # nonfinite="zero"
+            zero = nonfinite
+        if self._gate is not None:
+            self._gate.arm(skip)
+        elif self._skip_enabled():  # no optimizer to skip: zero the gradients instead
+            zero = skip if zero is None else zero | skip
+        if zero is not None:
+            F.zero_where_(grads, zero)
+
+    def _check_scaler_stage(self) -> None:
+        if self.scaler is None or self.optimizer is None or self._warned_scaled:
+            return
+        from torch.amp.grad_scaler import OptState
+
+        state = self.scaler._per_optimizer_states.get(id(self.optimizer))
+        if state is None or state.get("stage") is not OptState.UNSCALED:
+            self._warned_scaled = True
+            warnings.warn(
+                "gradwatch: monitor.step() ran before scaler.unscale_(optimizer); gradients "
+                "are still multiplied by the loss scale, so norms and thresholds are off by "
+                "that factor. Call scaler.unscale_(optimizer) before monitor.step().",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ host side
+    def flush(self) -> None:
+        """Copy the buffered rows to the host (one transfer; synchronises)."""
+        if self._pending == 0:
+            return
+        rows = self._buffer[: self._pending].cpu().numpy().copy()  # the one host sync
+        first = self._step - self._pending
+        steps = np.arange(first, self._step, dtype=np.int64)
+        self._pending = 0
+        self._record.add(steps, rows)
+
+    def history(self):
+        """Per-layer, per-step records as a long pandas DataFrame.
+
+        Columns: ``step``, ``layer``, ``grad_norm`` (pre-clip), ``clipped_norm``,
+        ``z`` (z-score of the log norm; 0 during warm-up), ``typical_norm``,
+        ``norm_threshold``, ``max_abs``, ``concentration`` (max |g| / RMS of g),
+        ``concentration_z``, ``value_threshold`` (``inf`` when not value-clipped),
+        ``flagged``. A layer without gradients at a step has no row for it.
+        """
+        self.flush()
+        return self._record.layer_table()
+
+    def steps(self):
+        """Per-step model-level records as a pandas DataFrame (one row per step)."""
+        self.flush()
+        return self._record.step_table()
+
+    def events(self):
+        """Detected events as a pandas DataFrame.
+
+        Columns: ``step``, ``kind`` (``explosion``, ``nonfinite``, ``amp_overflow``),
+        ``layer`` (the most anomalous layer), ``layers`` (all of them, comma-joined),
+        ``action``, ``reason`` (what was seen and done, with the numbers), ``z``,
+        ``global_norm``, ``threshold``.
+        """
+        self.flush()
+        return self._record.event_table()
+
+    def recent_quantiles(self, q: float) -> dict[str, float]:
+        """The ``q``-quantile (0-1) of each layer's recent gradient norms (synchronises)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q={q!r} must be in [0, 1]")
+        values = self._window.quantile(q).exp().cpu().tolist()
+        return dict(zip(("(model)",) + self.layers.names, values))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to make the same decisions (versioned)."""
+        self.flush()
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "layers": list(self.layers.names),
+            "config": self.config.to_dict(),
+            "stats": self._stats.state_dict(),
+            "window": self._window.state_dict(),
+            "events": [dict(e) for e in self._record.events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the model must have the same layers."""
+        if not isinstance(state, dict) or "version" not in state:
+            raise ValueError(
+                "not a gradwatch monitor state: expected the dict returned by "
+                "GradMonitor.state_dict()"
+            )
+        version = state["version"]
+        if not isinstance(version, int) or version > STATE_VERSION or version < 1:
+            raise ValueError(
+                f"monitor state version {version!r} is not supported by this gradwatch "
+                f"(which reads versions 1..{STATE_VERSION}); upgrade gradwatch to load it"
+            )
+        saved = list(state["layers"])
+        mine = list(self.layers.names)
+        if saved != mine:
+            missing = [n for n in mine if n not in saved]
+            extra = [n for n in saved if n not in mine]
+            raise ValueError(
+                "monitor state is from an incompatible model: layers differ "
+                f"(saved {len(saved)}, this model {len(mine)}; not in the state: "
+                f"{missing[:5]}; not in this model: {extra[:5]}). Load it into a monitor "
+                "attached to the same architecture with the same grouping options."
+            )
+        differing = sorted(
+            k for k, v in state.get("config", {}).items() if self.config.to_dict().get(k) != v
+        )
+        if differing:
+            warnings.warn(
+                f"gradwatch: resuming with a different config ({', '.join(differing)}); "
+                "decisions after resume may differ from the original run",
+                stacklevel=2,
+            )
+        self._stats.load_state_dict({k: v.to(self.device) for k, v in state["stats"].items()})
+        self._window.load_state_dict({k: v.to(self.device) for k, v in state["window"].items()})
+        self._pending = 0
+        self._step = int(state["step"])
+        self._record.events = [dict(e) for e in state.get("events", [])]
+
+    def detach(self) -> None:
+        """Flush records and release the optimizer; ``step()`` may not be called after."""
+        if not self._attached:
+            return
+        self.flush()
+        if self._gate is not None:
+            self._gate.remove()
+            self._gate = None
+        self._attached = False
+
+    @property
+    def num_steps(self) -> int:
+        """How many times :meth:`step` has run (including before a resume)."""
+        return self._step
+
+    def __repr__(self) -> str:
+        return (
+            f"GradMonitor(layers={self.layers.num_layers}, clip={self.config.clip!r}, "
+            f"step={self._step})"
+        )
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    config: MonitorConfig | None = None,
+    **overrides: Any,
+) -> GradMonitor:
+    """Attach a :class:`GradMonitor` to ``model``.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer, so non-finite (or catastrophic) steps can be skipped.
+        scaler: the ``torch.amp.GradScaler`` in use, if any.
+        config: a :class:`MonitorConfig`; defaults to ``MonitorConfig()``.
+        **overrides: fields of :class:`MonitorConfig` to set (on top of ``config``).
+
+    Returns:
+        The monitor. Call its :meth:`~GradMonitor.step` once per optimizer step.
+
+    Raises:
+        ValueError: an option is unknown or invalid (the message names it and the fix).
+    """
+    if config is not None and not isinstance(config, MonitorConfig):
+        raise TypeError(
+            f"config={type(config).__name__} is not a gradwatch.MonitorConfig; build one "
+            "with gradwatch.MonitorConfig(...) or pass options as keywords"
+        )
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(MonitorConfig)}
+        for key in overrides:
+            if key not in fields:
+                close = difflib.get_close_matches(key, sorted(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"{key}={overrides[key]!r} is not a gradwatch option{hint}; valid options "
+                    f"are the fields of MonitorConfig: {', '.join(sorted(fields))}"
+                )
+        config = dataclasses.replace(config or MonitorConfig(), **overrides)
+    return GradMonitor(model, optimizer, scaler=scaler, config=config)
