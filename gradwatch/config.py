@@ -52,6 +52,12 @@ class MonitorConfig:
     """A layer's (or the model's) log gradient norm this many standard deviations
     above its running mean is an explosion."""
 
+    clip_z: float = 2.5
+    """Adaptive modes (``auto``, ``zscore``) clip a norm whose z-score exceeds this back
+    to ``exp(mean + clip_z * std)`` of its log; values are fed to the statistics
+    clipped at the same boundary. Lower than ``z_threshold``: a mild excess is trimmed
+    quietly, a large one is also reported as an explosion."""
+
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many
     standard deviations above its normal is treated as an outlier in a few
@@ -138,6 +144,7 @@ class MonitorConfig:
         _positive("agc_eps", self.agc_eps)
         _in_range("percentile", self.percentile, 0.0, 100.0, low_open=True)
         _positive("z_threshold", self.z_threshold)
+        _positive("clip_z", self.clip_z)
         _positive("concentration_z", self.concentration_z)
         if self.skip_threshold is not None:
             _positive("skip_threshold", self.skip_threshold)

@@ -265,14 +265,16 @@ class GradMonitor:
         scored = valid & warm & ~nonfinite
         z = torch.where(scored, (x - mean) / std, 0.0)
         norm_z = z[: n + 1]  # model, then layers
-        anomalous = norm_z > cfg.z_threshold
-        explosion = anomalous.any()
+        # Two levels: beyond z_threshold a step is an explosion (an event); beyond
+        # clip_z (usually lower) the adaptive modes clip it back to that boundary.
+        flagged = norm_z > cfg.z_threshold
+        explosion = flagged.any()
+        anomalous = norm_z > cfg.clip_z
         norm_thr = torch.where(
-            warm[: n + 1], (mean[: n + 1] + cfg.z_threshold * std[: n + 1]).exp(), math.inf
+            warm[: n + 1], (mean[: n + 1] + cfg.clip_z * std[: n + 1]).exp(), math.inf
         )
-        layer_anom = anomalous[1:]
         conc_z = z[2 * n + 1 :]
-        concentrated = layer_anom & (conc_z > cfg.concentration_z)
+        concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
 
         # 3. Decide and clip. Decisions are tensors, applied unconditionally.
         tau = torch.full((n,), math.inf, device=dev)  # per-layer value thresholds
@@ -304,11 +306,9 @@ class GradMonitor:
             coef = torch.where(global_norm > threshold, threshold / global_norm, 1.0)
         elif mode == "auto":
             # Outliers in a few components: value-clip those layers at their own
-            # typical max|g| plus z_threshold deviations, sparing the other components.
+            # typical max|g| plus clip_z deviations, sparing the other components.
             lm = slice(n + 1, 2 * n + 1)
-            tau = torch.where(
-                concentrated, (mean[lm] + cfg.z_threshold * std[lm]).exp(), math.inf
-            )
+            tau = torch.where(concentrated, (mean[lm] + cfg.clip_z * std[lm]).exp(), math.inf)
             value_clipped = concentrated.any()
             threshold = self._ceiling(threshold)
 
@@ -349,9 +349,10 @@ class GradMonitor:
             torch.where(value_clipped, CLIP_VALUE, torch.where(norm_clipped, CLIP_NORM, NONE)),
         )
 
-        # 4. Robust statistics update: winsorise at the detection threshold.
+        # 4. Robust statistics update: winsorise at the clipping boundary, so a spike
+        # is fed back as the clipped value and cannot drag the statistics along.
         robust = count >= min(_ROBUST_AFTER, cfg.warmup_steps)
-        bound = cfg.z_threshold * std
+        bound = cfg.clip_z * std
         fed = torch.where(robust, torch.clamp(x, mean - bound, mean + bound), x)
         update = valid & ~nonfinite
         self._stats.update(fed, update)
@@ -383,7 +384,7 @@ class GradMonitor:
                 "concentration": torch.where(present, concentration, math.nan),
                 "concentration_z": conc_z,
                 "value_threshold": tau,
-                "flagged": layer_anom & ~nonfinite,
+                "flagged": flagged[1:] & ~nonfinite,
                 "present": present,
             },
         )
@@ -486,6 +487,7 @@ class GradMonitor:
             "version": STATE_VERSION,
             "step": self._step,
             "layers": list(self.layers.names),
+            "layer_numel": [rec["numel"] for rec in self.layers.describe()],
             "config": self.config.to_dict(),
             "stats": self._stats.state_dict(),
             "window": self._window.state_dict(),
@@ -515,6 +517,15 @@ class GradMonitor:
                 f"(saved {len(saved)}, this model {len(mine)}; not in the state: "
                 f"{missing[:5]}; not in this model: {extra[:5]}). Load it into a monitor "
                 "attached to the same architecture with the same grouping options."
+            )
+        numel = [rec["numel"] for rec in self.layers.describe()]
+        saved_numel = list(state.get("layer_numel", numel))
+        if saved_numel != numel:
+            i = next(i for i, (a, b) in enumerate(zip(saved_numel, numel)) if a != b)
+            raise ValueError(
+                f"monitor state is from an incompatible model: layer {mine[i]!r} has "
+                f"{numel[i]} parameters here but {saved_numel[i]} in the saved state. Load it "
+                "into a monitor attached to the same architecture."
             )
         differing = sorted(
             k for k, v in state.get("config", {}).items() if self.config.to_dict().get(k) != v

@@ -1,0 +1,20 @@
+"""Makes ``tests/helpers.py`` importable (pytest runs with --import-mode=importlib)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def tiny_net():
+    from helpers import TinyNet
+
+    torch.manual_seed(0)
+    return TinyNet()

@@ -1,0 +1,81 @@
+"""Test helpers: small models and synthetic gradient streams with known spikes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.attn = nn.Linear(width, width)
+        self.mlp = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+
+class TinyNet(nn.Module):
+    """Nested modules, so layer names and grouping have something to work on."""
+
+    def __init__(self, width: int = 8, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b.norm(h + torch.tanh(b.mlp(torch.relu(b.attn(h)))))
+        return self.head(h)
+
+
+def mlp(sizes=(16, 32, 32, 4)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class GradStream:
+    """Writes synthetic gradients into a model, step by step, deterministically.
+
+    Every parameter gets ``scale * noise * N(0, 1)`` where ``noise`` is a per-step,
+    per-module log-normal factor (``sigma`` in log space), so log norms fluctuate
+    like real minibatch gradients. ``diffuse`` and ``spike`` inject anomalies.
+    """
+
+    def __init__(self, model: nn.Module, seed: int = 0, sigma: float = 0.15) -> None:
+        self.model = model
+        self.seed = seed
+        self.sigma = sigma
+        self.step = 0
+
+    def write(
+        self,
+        *,
+        diffuse: dict[str, float] | None = None,
+        spike: dict[str, float] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Set ``.grad`` of every parameter for the next step.
+
+        Args:
+            diffuse: module name -> factor multiplying all its gradients.
+            spike: parameter name -> value written into one component (index 0).
+        """
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.step)
+        factors: dict[str, float] = {}
+        for name, p in self.model.named_parameters():
+            module = name.rpartition(".")[0]
+            if module not in factors:
+                factors[module] = math.exp(self.sigma * torch.randn((), generator=g).item())
+            grad = torch.randn(p.shape, generator=g) * 0.01 * factors[module]
+            if diffuse and module in diffuse:
+                grad *= diffuse[module]
+            if spike and name in spike:
+                grad.view(-1)[0] = spike[name]
+            p.grad = grad.to(dtype or p.dtype)
+        self.step += 1

@@ -1,0 +1,179 @@
+"""Statistical detection on synthetic gradient streams with spikes at known steps,
+and the auto policy's choice between value and norm clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import GradStream, TinyNet, mlp
+
+import gradwatch
+
+WARMUP = 25
+
+
+def _run(monitor, stream, steps, plan):
+    """Run ``steps`` steps; ``plan`` maps step -> kwargs for GradStream.write."""
+    for t in range(steps):
+        stream.write(**plan.get(t, {}))
+        monitor.step()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recall_and_false_positive_rate(seed, tiny_net):
+    monitor = gradwatch.attach(tiny_net, clip="none", warmup_steps=WARMUP)
+    stream = GradStream(tiny_net, seed=seed, sigma=0.15)
+    layers = ["embed", "blocks.0.attn", "blocks.1.mlp", "head"]
+    spikes = {
+        t: {"diffuse": {layers[i % len(layers)]: 30.0}}
+        for i, t in enumerate(range(60, 600, 45))
+    }
+    _run(monitor, stream, 600, spikes)
+    events = monitor.events()
+    explosions = events[events.kind == "explosion"]
+    detected = set(explosions.step)
+    recall = len(detected & set(spikes)) / len(spikes)
+    clean_steps = 600 - WARMUP - len(spikes)
+    false_positive_rate = len(detected - set(spikes)) / clean_steps
+    assert recall == 1.0
+    assert false_positive_rate <= 0.01
+    # The event names the layer where the spike is.
+    for t, spec in spikes.items():
+        (layer,) = spec["diffuse"]
+        assert explosions.set_index("step").loc[t, "layer"] == layer
+
+
+def test_spike_does_not_drag_statistics_consecutive_spikes_caught(tiny_net):
+    monitor = gradwatch.attach(tiny_net, clip="none")
+    stream = GradStream(tiny_net, sigma=0.1)
+    spike = {"diffuse": {"head": 100.0}}
+    _run(monitor, stream, 200, {100: spike, 101: spike, 102: spike, 110: spike})
+    caught = set(monitor.events().query("kind == 'explosion'").step)
+    assert {100, 101, 102, 110} <= caught
+    # And the model's typical norm barely moved across the spikes.
+    steps = monitor.steps().set_index("step")
+    assert steps.loc[111, "typical_norm"] == pytest.approx(steps.loc[99, "typical_norm"], rel=0.1)
+
+
+def test_no_detection_during_warmup(tiny_net):
+    monitor = gradwatch.attach(tiny_net, clip="none", warmup_steps=30)
+    stream = GradStream(tiny_net)
+    _run(monitor, stream, 40, {10: {"diffuse": {"head": 100.0}}})
+    assert len(monitor.events()) == 0
+    assert (monitor.steps().z.iloc[:30] == 0).all()
+
+
+def test_single_nan_does_not_poison_statistics(tiny_net):
+    monitor = gradwatch.attach(tiny_net, clip="none")
+    stream = GradStream(tiny_net)
+    for t in range(120):
+        stream.write()
+        if t == 50:
+            tiny_net.head.weight.grad[0, 0] = float("nan")
+        monitor.step()
+    stream.write(diffuse={"head": 50.0})
+    result = monitor.step()
+    assert result.explosion and result.flagged_layers[0] == "head"
+    state = monitor.state_dict()["stats"]
+    assert torch.isfinite(state["mean"]).all() and torch.isfinite(state["var"]).all()
+    steps = monitor.steps()
+    assert steps.threshold.iloc[WARMUP:].notna().all()
+
+
+def _warm(monitor, stream, steps=60):
+    for _ in range(steps):
+        stream.write()
+        monitor.step()
+
+
+def test_auto_value_clips_a_spike_in_one_component():
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model)  # clip="auto"
+    stream = GradStream(model)
+    _warm(monitor, stream)
+    stream.write(spike={"2.weight": 50.0})  # one component, ~5000x its neighbours
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    result = monitor.step()
+    assert result.explosion and result.action == "clip_value"
+    assert result.flagged_layers[0] == "2"
+    event = monitor.events().iloc[-1]
+    assert event.action == "clip_value" and event.layer == "2"
+    assert "clipped by value" in event.reason and "concentration" in event.reason
+    tau = monitor.history().query("step == 60 and layer == '2'").value_threshold.item()
+    after = dict(model.named_parameters())
+    # The outlier is clamped to the layer's value threshold, the rest is untouched.
+    assert after["2.weight"].grad.view(-1)[0].item() == pytest.approx(tau, rel=1e-5)
+    assert tau < 1.0
+    assert torch.equal(after["2.weight"].grad.view(-1)[1:], before["2.weight"].view(-1)[1:])
+    for name in ("0.weight", "0.bias", "4.weight", "2.bias"):
+        assert torch.equal(after[name].grad, before[name]), name
+
+
+def test_auto_norm_clips_diffuse_growth_preserving_direction():
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model)
+    stream = GradStream(model)
+    _warm(monitor, stream)
+    stream.write(diffuse={"2": 40.0})
+    before = [p.grad.clone() for p in model.parameters()]
+    result = monitor.step()
+    assert result.explosion and result.action == "clip_norm"
+    event = monitor.events().iloc[-1]
+    assert event.layer == "2" and "diffuse growth" in event.reason
+    coef = result.clipped_norm / result.global_norm
+    assert coef < 0.2
+    for b, p in zip(before, model.parameters()):
+        torch.testing.assert_close(p.grad, b * coef, rtol=1e-4, atol=1e-10)
+    # The spiked layer comes back to its own clipping boundary.
+    row = monitor.history().query("step == 60 and layer == '2'").iloc[0]
+    assert row.clipped_norm == pytest.approx(row.norm_threshold, rel=1e-3)
+
+
+def test_auto_leaves_normal_steps_untouched():
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model)
+    stream = GradStream(model, sigma=0.05)
+    for _ in range(100):
+        stream.write()
+        before = [p.grad.clone() for p in model.parameters()]
+        result = monitor.step()
+        if result.action == "none":
+            assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
+    assert (monitor.steps().action == "none").mean() > 0.95
+
+
+def test_flagged_layers_ordered_by_z(tiny_net):
+    monitor = gradwatch.attach(tiny_net, clip="none")
+    stream = GradStream(tiny_net, sigma=0.1)
+    _warm(monitor, stream)
+    stream.write(diffuse={"head": 1000.0, "embed": 20.0})
+    result = monitor.step()
+    assert result.flagged_layers[:2] == ["head", "embed"]
+    assert result.action == "none" and result.explosion
+
+
+def test_skip_threshold_skips_catastrophic_spike():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = gradwatch.attach(model, opt, skip_threshold=20.0)
+    stream = GradStream(model, sigma=0.1)
+    for _ in range(60):
+        stream.write()
+        monitor.step()
+        opt.step()
+    stream.write(diffuse={"2": 1e6})
+    params = [p.detach().clone() for p in model.parameters()]
+    result = monitor.step()
+    opt.step()
+    assert result.action == "skip"
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    event = monitor.events().iloc[-1]
+    assert event.action == "skip" and "skip_threshold=20" in event.reason
+    # A moderate spike (z between z_threshold and skip_threshold) is clipped, not skipped.
+    stream.write(diffuse={"2": 3.0})
+    result = monitor.step()
+    assert result.explosion and result.action == "clip_norm"

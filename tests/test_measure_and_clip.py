@@ -1,0 +1,192 @@
+"""Per-layer norms and fixed clipping modes agree with torch.nn.utils references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import GradStream, TinyNet, mlp
+from torch import nn
+
+import gradwatch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GROUPINGS = [
+    {},
+    {"granularity": "parameter"},
+    {"group_depth": 2},
+    {"group_prefixes": ("blocks.0", "blocks.1")},
+    {"group_pattern": r"(blocks\.\d+)"},
+]
+
+
+def _model(dtype: torch.dtype) -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().to(dtype)
+
+
+def _reference_layers(model: nn.Module, monitor) -> dict[str, float]:
+    """Layer -> norm, computed independently in float64 from the parameter table."""
+    out = {}
+    for rec in monitor.layers.describe():
+        grads = [dict(model.named_parameters())[n].grad for n in rec["params"]]
+        grads = [g for g in grads if g is not None]
+        if grads:
+            out[rec["layer"]] = torch.linalg.vector_norm(
+                torch.cat([g.double().flatten() for g in grads])
+            ).item()
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grouping", GROUPINGS, ids=lambda g: ",".join(g) or "module")
+def test_layer_and_global_norms_match_reference(dtype, grouping):
+    model = _model(dtype)
+    monitor = gradwatch.attach(model, clip="none", **grouping)
+    stream = GradStream(model)
+    expected = []
+    for _ in range(3):
+        stream.write()
+        grads = [p.grad for p in model.parameters()]
+        total = torch.nn.utils.get_total_norm([g.double() for g in grads]).item()
+        expected.append((total, _reference_layers(model, monitor)))
+        monitor.step()
+    steps, hist = monitor.steps(), monitor.history()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-3
+    for step, (total, layers) in enumerate(expected):
+        assert steps.global_norm[step] == pytest.approx(total, rel=rtol)
+        rows = hist[hist.step == step].set_index("layer")
+        assert set(rows.index) == set(layers)
+        for name, norm in layers.items():
+            assert rows.loc[name, "grad_norm"] == pytest.approx(norm, rel=rtol), name
+
+
+def test_fp16_norm_above_fp16_range_is_finite():
+    model = nn.Linear(100, 100).half()
+    monitor = gradwatch.attach(model, clip="none")
+    model.weight.grad = torch.full_like(model.weight, 1000.0)  # norm 1e5 > 65504
+    model.bias.grad = torch.zeros_like(model.bias)
+    result = monitor.step()
+    # torch's own per-tensor norm in fp16 overflows; ours is accumulated in fp32.
+    assert math.isinf(torch.linalg.vector_norm(model.weight.grad).item())
+    assert result.global_norm == pytest.approx(1e5, rel=1e-3)
+    assert not result.nonfinite
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("max_norm", [0.01, 1e3])
+def test_clip_norm_matches_clip_grad_norm(dtype, max_norm):
+    model = _model(dtype)
+    twin = _model(dtype)
+    monitor = gradwatch.attach(model, clip="norm", max_norm=max_norm)
+    stream = GradStream(model)
+    stream.write()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    ref_total = torch.nn.utils.get_total_norm([q.grad.float() for q in twin.parameters()])
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+    result = monitor.step()
+    tol = dict(rtol=1e-5, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad.float(), q.grad.float(), **tol)
+    assert result.global_norm == pytest.approx(ref_total.item(), rel=1e-3)
+    assert result.action == ("clip_norm" if max_norm < 1 else "none")
+    assert result.clipped_norm == pytest.approx(min(max_norm, ref_total.item()), rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_value_matches_clip_grad_value(dtype):
+    model = _model(dtype)
+    twin = _model(dtype)
+    monitor = gradwatch.attach(model, clip="value", clip_value=0.01)
+    GradStream(model).write()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    torch.nn.utils.clip_grad_value_(twin.parameters(), 0.01)
+    result = monitor.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    ref_norm = torch.nn.utils.get_total_norm([q.grad.double() for q in twin.parameters()])
+    assert result.action == "clip_value"
+    assert result.threshold == pytest.approx(0.01)
+    assert result.clipped_norm == pytest.approx(ref_norm.item(), rel=1e-3)
+
+
+def _agc_reference(params, clip_factor, eps):
+    """timm's adaptive_clip_grad, written out."""
+    for p in params:
+        if p.ndim <= 1:
+            w = p.detach().norm().clamp_min(eps)
+            g = p.grad.norm()
+        else:
+            dims = tuple(range(1, p.ndim))
+            w = p.detach().norm(dim=dims, keepdim=True).clamp_min(eps)
+            g = p.grad.norm(dim=dims, keepdim=True)
+        max_norm = w * clip_factor
+        p.grad.mul_(torch.where(g > max_norm, max_norm / g.clamp_min(1e-6), 1.0))
+
+
+def test_agc_matches_reference():
+    torch.manual_seed(0)
+    model, twin = mlp(), mlp()
+    twin.load_state_dict(model.state_dict())
+    monitor = gradwatch.attach(model, clip="agc", clip_factor=0.01)
+    stream = GradStream(model, sigma=0.0)
+    stream.write(diffuse={"0": 50.0})  # first layer's gradients too large for its weights
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    _agc_reference(list(twin.parameters()), 0.01, 1e-3)
+    result = monitor.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert result.action == "clip_norm"
+    ref_norm = torch.nn.utils.get_total_norm([q.grad for q in twin.parameters()])
+    assert result.clipped_norm == pytest.approx(ref_norm.item(), rel=1e-5)
+
+
+def test_percentile_threshold_is_quantile_of_recent_norms():
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model, clip="percentile", percentile=80.0, window=50, warmup_steps=10)
+    stream = GradStream(model, sigma=0.05)
+    norms = []
+    for _ in range(60):
+        stream.write()
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+        result = monitor.step()
+    # The threshold at the last step is the 80th percentile of the 50 norms before it.
+    expected = torch.tensor(norms[-51:-1]).log().quantile(0.8).exp().item()
+    assert result.threshold == pytest.approx(expected, rel=1e-4)
+    assert result.clipped_norm == pytest.approx(min(norms[-1], expected), rel=1e-4)
+    steps = monitor.steps()
+    clipped = steps[steps.step >= 10]
+    assert (clipped.clipped_norm <= clipped.threshold * (1 + 1e-5)).all()
+    assert ((clipped.action == "clip_norm") == (clipped.global_norm > clipped.threshold)).all()
+
+
+def test_zscore_mode_clips_to_adaptive_threshold_after_warmup():
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model, clip="zscore", warmup_steps=20)
+    stream = GradStream(model, sigma=0.1)
+    for _ in range(40):
+        stream.write()
+        monitor.step()
+    stream.write(diffuse={"0": 30.0, "2": 30.0, "4": 30.0})
+    before = [p.grad.clone() for p in model.parameters()]
+    result = monitor.step()
+    assert result.explosion and result.action == "clip_norm"
+    assert result.clipped_norm == pytest.approx(result.threshold, rel=1e-4)
+    coef = result.clipped_norm / result.global_norm
+    for b, p in zip(before, model.parameters()):  # one coefficient: direction preserved
+        torch.testing.assert_close(p.grad, b * coef, rtol=1e-4, atol=1e-9)
+
+
+def test_max_norm_is_a_ceiling_during_warmup_in_adaptive_modes():
+    model = mlp()
+    monitor = gradwatch.attach(model, max_norm=1e-3)
+    GradStream(model).write()
+    result = monitor.step()  # step 0: far from warm, but the ceiling holds
+    assert result.action == "clip_norm"
+    assert result.clipped_norm == pytest.approx(1e-3, rel=1e-4)

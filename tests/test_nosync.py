@@ -1,0 +1,136 @@
+"""No host synchronisation on non-logging steps.
+
+``step()`` runs under a TorchDispatchMode that counts the operators which force the
+host to wait for the device: ``_local_scalar_dense`` (what ``.item()``, ``bool()``
+and a Python ``if`` on a tensor dispatch to), data-dependent shapes (``nonzero``,
+``masked_select``, ``unique``), ``equal``, and copies from an accelerator to the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import GradStream, mlp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch
+
+aten = torch.ops.aten
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS:
+            self.syncs.append(str(func))
+        elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+            # Boolean-mask indexing needs the mask's true count on the host.
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                self.syncs.append(f"{func} with a boolean mask")
+        elif func in (aten._to_copy.default, aten.copy_.default):
+            src = args[1] if func is aten.copy_.default else args[0]
+            dst = args[0].device if func is aten.copy_.default else kwargs.get("device")
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and (
+                dst is not None and torch.device(dst).type == "cpu"
+            ):
+                self.syncs.append(f"{func} device->host")
+        return func(*args, **(kwargs or {}))
+
+
+def test_counter_sees_syncs():
+    t = torch.ones(3)
+    with SyncCounter() as c:
+        t.sum().item()
+        if t.max() > 0:
+            pass
+        t[t > 0]
+    assert len(c.syncs) == 3
+
+
+MODES = [
+    {"clip": "auto"},
+    {"clip": "auto", "max_norm": 0.5, "skip_threshold": 30.0},
+    {"clip": "none"},
+    {"clip": "norm", "max_norm": 0.05},
+    {"clip": "value", "clip_value": 0.01},
+    {"clip": "agc"},
+    {"clip": "zscore"},
+    {"clip": "percentile"},
+    {"clip": "auto", "nonfinite": "zero"},
+    {"clip": "auto", "granularity": "parameter"},
+]
+
+
+@pytest.mark.parametrize("optimizer", ["none", "fused"])
+@pytest.mark.parametrize("options", MODES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_step_has_no_host_sync_between_logging_steps(options, optimizer):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), fused=True) if optimizer == "fused" else None
+    monitor = gradwatch.attach(model, opt, log_every=10, warmup_steps=5, **options)
+    stream = GradStream(model)
+    for t in range(40):
+        # Spikes, concentrated outliers and a NaN exercise every decision branch.
+        stream.write(
+            diffuse={"2": 100.0} if t == 20 else None,
+            spike={"4.weight": 10.0} if t == 25 else None,
+        )
+        if t == 30:
+            model[0].weight.grad[0, 0] = float("nan")
+        logging_step = (t + 1) % 10 == 0
+        with SyncCounter() as counter:
+            monitor.step()
+            if opt is not None:
+                opt.step()  # fused optimizers read the skip flag on the device too
+        if not logging_step:
+            assert counter.syncs == [], f"step {t}: {counter.syncs}"
+        if opt is not None:
+            opt.zero_grad()
+    assert len(monitor.steps()) == 40
+    kinds = set(monitor.events().kind)
+    assert "nonfinite" in kinds
+
+
+def test_nonfused_optimizer_pays_one_scalar_sync_in_its_step_only():
+    torch.manual_seed(0)
+    model, twin = mlp(), mlp()
+    opt = torch.optim.Adam(model.parameters(), foreach=True)
+    twin_opt = torch.optim.Adam(twin.parameters(), foreach=True)  # no monitor
+    monitor = gradwatch.attach(model, opt, log_every=100)
+    stream, twin_stream = GradStream(model), GradStream(twin)
+    for _ in range(5):
+        stream.write()
+        twin_stream.write()
+        with SyncCounter() as in_monitor:
+            monitor.step()
+        with SyncCounter() as in_optimizer:
+            opt.step()
+        with SyncCounter() as in_twin:
+            twin_opt.step()  # Adam's own syncs on CPU (its step counter)
+        assert in_monitor.syncs == []
+        assert len(in_optimizer.syncs) == len(in_twin.syncs) + 1
+
+
+def test_logging_step_transfers_once():
+    model = mlp()
+    monitor = gradwatch.attach(model, log_every=4)
+    stream = GradStream(model)
+    for _ in range(8):
+        stream.write()
+        monitor.step()
+    # Nothing is left on the device once a logging step has run.
+    assert monitor._pending == 0
+    assert len(monitor.steps()) == 8
