@@ -87,29 +87,42 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"MLP on handwritten digits, SGD(lr={args.lr}, momentum=0.9), {args.steps} steps, "
           "raw 0-16 pixel inputs\n")
-    acc_plain, acc_gw, last = [], [], None
+    acc_plain, acc_gw, div_plain, div_gw = [], [], 0, 0
+    busiest = None  # the gradwatch run with the most events, shown at the end
     for seed in range(args.seeds):
         plain = train(data, seed=seed, steps=args.steps, lr=args.lr, monitor=False)
         watched = train(data, seed=seed, steps=args.steps, lr=args.lr, monitor=True)
         acc_plain.append(plain["accuracy"])
         acc_gw.append(watched["accuracy"])
+        div_plain += plain["diverged"]
+        div_gw += watched["diverged"]
         actions = watched["monitor"].steps()["action"].value_counts()
         print(f"seed {seed}")
         print(f"  no clipping      {describe(plain)}")
         print(f"  gradwatch auto   {describe(watched)}")
         print(f"                   clipped {actions.get('clip_norm', 0)} steps by norm, "
               f"{actions.get('clip_value', 0)} by value, skipped {actions.get('skip', 0)}")
-        last = watched["monitor"]
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    print(f"\nmean accuracy: no clipping {mean(acc_plain):.1%}, gradwatch auto {mean(acc_gw):.1%}")
+        monitor = watched["monitor"]
+        activity = (len(monitor.events()), int((monitor.steps()["action"] != "none").sum()))
+        if busiest is None or activity > busiest[1]:
+            busiest = (seed, activity, monitor)
+    n = args.seeds
+    print(f"\nmean accuracy: no clipping {sum(acc_plain) / n:.1%} ({div_plain}/{n} diverged), "
+          f"gradwatch auto {sum(acc_gw) / n:.1%} ({div_gw}/{n} diverged)")
 
-    events = last.events()
-    print(f"\nEvents of the last gradwatch run ({len(events)}):")
-    if len(events):
-        for ev in events.itertuples():
-            print(f"  step {ev.step:4d} {ev.kind:11s} {ev.action:10s} layer {ev.layer}: {ev.reason}")
-    else:
-        print("  none")
+    seed, _, monitor = busiest
+    events = monitor.events()
+    print(f"\nEvents of the gradwatch run with seed {seed} ({len(events)}; an event is a "
+          f"z-score above {monitor.config.z_threshold:g}):")
+    for ev in events.itertuples():
+        print(f"  step {ev.step:4d} {ev.kind:11s} {ev.action:10s} layer {ev.layer}: {ev.reason}")
+    steps = monitor.steps()
+    clipped = steps[steps["action"] != "none"]
+    print(f"Steps it clipped ({len(clipped)}; a model or layer norm beyond {monitor.config.clip_z:g} standard "
+          "deviations of its running log-mean is scaled back to that boundary):")
+    for row in clipped.head(10).itertuples():
+        print(f"  step {row.step:4d} {row.action:10s} norm {row.global_norm:8.3g} -> "
+              f"{row.clipped_norm:8.3g} (typical {row.typical_norm:.3g}, z={row.z:+.1f})")
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     return 0
 

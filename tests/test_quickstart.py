@@ -21,4 +21,4 @@ def test_quickstart_runs_and_reports():
     text = out.stdout
     assert "no clipping" in text and "gradwatch auto" in text
     assert "mean accuracy" in text
-    assert "Events of the last gradwatch run" in text
+    assert "Events of the gradwatch run with seed" in text
