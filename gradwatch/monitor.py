@@ -188,25 +188,45 @@ class GradMonitor:
         self._step = 0
         self._plans: dict[tuple[int, ...], GradPlan] = {}
         self._warned_scaled = False
+        self._warned_unhandled = False
         self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
         self._gate = self._make_gate()
         self._record.skip_how = self._skip_description()
         self._attached = True
 
     # ------------------------------------------------------------------ setup
-    def _skip_enabled(self) -> bool:
-        return (self.config.nonfinite == "skip" and self.scaler is None) or (
-            self.config.skip_threshold is not None
+    def _make_gate(self) -> OptimizerGate | None:
+        cfg = self.config
+        if self.optimizer is None:
+            if cfg.skip_threshold is not None:
+                raise ValueError(
+                    f"skip_threshold={cfg.skip_threshold!r} needs the optimizer to skip its "
+                    "step: pass it, gradwatch.attach(model, optimizer, ...), or leave "
+                    "skip_threshold=None"
+                )
+            return None
+        own_nonfinite = cfg.nonfinite == "skip" and self.scaler is None
+        if own_nonfinite or cfg.skip_threshold is not None:
+            return OptimizerGate(self.optimizer)
+        return None
+
+    @property
+    def _handles_nonfinite(self) -> bool:
+        """Whether a non-finite step is kept from reaching the parameters."""
+        return (
+            self.scaler is not None
+            or self.config.nonfinite == "zero"
+            or self.optimizer is not None
         )
 
-    def _make_gate(self) -> OptimizerGate | None:
-        if self.optimizer is None or not self._skip_enabled():
-            return None
-        return OptimizerGate(self.optimizer)
-
     def _skip_description(self) -> str:
-        if self.config.nonfinite == "zero" or self.optimizer is None:
+        if self.config.nonfinite == "zero":
             return "gradients zeroed"
+        if self.optimizer is None:
+            return (
+                "gradients left as they are: no optimizer was given to skip; pass it to "
+                "gradwatch.attach or use nonfinite='zero'"
+            )
         if supports_found_inf(self.optimizer):
             return "optimizer step skipped (fused found_inf)"
         return "optimizer step skipped"
@@ -220,7 +240,6 @@ class GradMonitor:
         return plan, [params[i].grad for i in positions]
 
     # ------------------------------------------------------------------ the step
-    @torch.no_grad()
     def step(self) -> StepResult:
         """Measure, update statistics, detect and clip the current gradients in place.
 
@@ -234,6 +253,10 @@ class GradMonitor:
         """
         if not self._attached:
             raise RuntimeError("this monitor was detached; attach a new one with gradwatch.attach")
+        with torch.no_grad():
+            return self._step_impl()
+
+    def _step_impl(self) -> StepResult:
         cfg = self.config
         self._check_scaler_stage()
         plan, grads = self._plan()
@@ -343,8 +366,9 @@ class GradMonitor:
         if cfg.skip_threshold is not None:
             skip_z = (norm_z >= cfg.skip_threshold).any() & ~nonfinite
         self._skip_(grads, skip_z, nonfinite)
+        skipped = skip_z | nonfinite if self._handles_nonfinite else skip_z
         action = torch.where(
-            nonfinite | skip_z,
+            skipped,
             SKIP,
             torch.where(value_clipped, CLIP_VALUE, torch.where(norm_clipped, CLIP_NORM, NONE)),
         )
@@ -403,20 +427,12 @@ class GradMonitor:
 
     def _skip_(self, grads: list[Tensor], skip_z: Tensor, nonfinite: Tensor) -> None:
         """Make sure a skipped step changes nothing, by the cheapest route available."""
-        cfg = self.config
         own_nonfinite = self.scaler is None  # with a scaler, overflow is the scaler's job
-        skip = skip_z
-        zero = None
-        if own_nonfinite and cfg.nonfinite == "skip":
-            skip = skip | nonfinite
-        elif own_nonfinite:  # nonfinite="zero"
-            zero = nonfinite
+        if own_nonfinite and self.config.nonfinite == "zero":
+            F.zero_where_(grads, nonfinite)  # one extra pass, but no sync for any optimizer
         if self._gate is not None:
+            skip = skip_z | nonfinite if own_nonfinite and self.config.nonfinite == "skip" else skip_z
             self._gate.arm(skip)
-        elif self._skip_enabled():  # no optimizer to skip: zero the gradients instead
-            zero = skip if zero is None else zero | skip
-        if zero is not None:
-            F.zero_where_(grads, zero)
 
     def _check_scaler_stage(self) -> None:
         if self.scaler is None or self.optimizer is None or self._warned_scaled:
@@ -442,7 +458,17 @@ class GradMonitor:
         first = self._step - self._pending
         steps = np.arange(first, self._step, dtype=np.int64)
         self._pending = 0
-        self._record.add(steps, rows)
+        new = self._record.add(steps, rows)
+        if not self._handles_nonfinite and not self._warned_unhandled:
+            bad = [e["step"] for e in new if e["kind"] == "nonfinite"]
+            if bad:
+                self._warned_unhandled = True
+                warnings.warn(
+                    f"gradwatch: NaN/Inf gradients at step {bad[0]} were left as they are "
+                    "because no optimizer was given to skip the step; pass it, "
+                    "gradwatch.attach(model, optimizer), or use nonfinite='zero'",
+                    stacklevel=3,
+                )
 
     def history(self):
         """Per-layer, per-step records as a long pandas DataFrame.

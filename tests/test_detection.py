@@ -67,7 +67,7 @@ def test_no_detection_during_warmup(tiny_net):
 
 
 def test_single_nan_does_not_poison_statistics(tiny_net):
-    monitor = gradwatch.attach(tiny_net, clip="none")
+    monitor = gradwatch.attach(tiny_net, clip="none", nonfinite="zero")
     stream = GradStream(tiny_net)
     for t in range(120):
         stream.write()

@@ -104,14 +104,30 @@ def test_zero_mode_zeroes_the_gradients_without_optimizer_help():
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
-def test_without_optimizer_nonfinite_gradients_are_zeroed():
+def test_without_optimizer_nonfinite_is_recorded_and_warned():
     model = mlp()
-    monitor = gradwatch.attach(model)
+    monitor = gradwatch.attach(model, log_every=1)
     GradStream(model).write()
     model[4].bias.grad[1] = float("inf")
-    result = monitor.step()
-    assert result.nonfinite and result.action == "skip"
-    assert all(torch.isfinite(p.grad).all() and (p.grad == 0).all() for p in model.parameters())
+    with pytest.warns(UserWarning, match=r"NaN/Inf gradients at step 0 were left as they are"):
+        result = monitor.step()
+    assert result.nonfinite and result.action == "none"
+    assert "no optimizer was given" in monitor.events().iloc[0].reason
+    assert torch.isinf(model[4].bias.grad[1])  # a monitor without optimizer changes nothing
+
+
+def test_without_optimizer_zero_mode_zeroes():
+    model = mlp()
+    monitor = gradwatch.attach(model, nonfinite="zero")
+    GradStream(model).write()
+    model[4].bias.grad[1] = float("nan")
+    assert monitor.step().action == "skip"
+    assert all((p.grad == 0).all() for p in model.parameters())
+
+
+def test_skip_threshold_needs_an_optimizer():
+    with pytest.raises(ValueError, match=r"skip_threshold=20.0 needs the optimizer"):
+        gradwatch.attach(mlp(), skip_threshold=20.0)
 
 
 def test_grad_scaler_overflow_is_amp_overflow_not_explosion():

@@ -8,6 +8,8 @@ and a Python ``if`` on a tensor dispatch to), data-dependent shapes (``nonzero``
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import GradStream, mlp
@@ -62,7 +64,7 @@ def test_counter_sees_syncs():
 
 MODES = [
     {"clip": "auto"},
-    {"clip": "auto", "max_norm": 0.5, "skip_threshold": 30.0},
+    {"clip": "auto", "max_norm": 0.5},
     {"clip": "none"},
     {"clip": "norm", "max_norm": 0.05},
     {"clip": "value", "clip_value": 0.01},
@@ -80,6 +82,8 @@ def test_step_has_no_host_sync_between_logging_steps(options, optimizer):
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), fused=True) if optimizer == "fused" else None
+    if opt is not None:
+        options = {**options, "skip_threshold": 30.0}
     monitor = gradwatch.attach(model, opt, log_every=10, warmup_steps=5, **options)
     stream = GradStream(model)
     for t in range(40):
@@ -99,7 +103,9 @@ def test_step_has_no_host_sync_between_logging_steps(options, optimizer):
             assert counter.syncs == [], f"step {t}: {counter.syncs}"
         if opt is not None:
             opt.zero_grad()
-    assert len(monitor.steps()) == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unhandled-NaN warning without optimizer
+        assert len(monitor.steps()) == 40
     kinds = set(monitor.events().kind)
     assert "nonfinite" in kinds
 
