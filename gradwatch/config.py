@@ -49,14 +49,17 @@ class MonitorConfig:
     recent global norms."""
 
     z_threshold: float = 4.0
-    """A layer's (or the model's) log gradient norm this many standard deviations
-    above its running mean is an explosion."""
+    """The model's log gradient norm this many standard deviations above its running
+    mean is an explosion. For layers the threshold is raised so that, over all layers
+    together, a normal step is flagged no more often than by this single test
+    (Bonferroni: 4.0 becomes 4.98 for 100 layers)."""
 
     clip_z: float = 2.5
     """Adaptive modes (``auto``, ``zscore``) clip a norm whose z-score exceeds this back
     to ``exp(mean + clip_z * std)`` of its log; values are fed to the statistics
-    clipped at the same boundary. Lower than ``z_threshold``: a mild excess is trimmed
-    quietly, a large one is also reported as an explosion."""
+    clipped at the same boundary. Usually lower than ``z_threshold``: a mild excess is
+    trimmed quietly, a large one is also reported as an explosion. Like
+    ``z_threshold``, it is raised for layers by the number of layers (Bonferroni)."""
 
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many
@@ -161,6 +164,19 @@ class MonitorConfig:
         _integer("log_every", self.log_every, minimum=1)
         if self.history_limit is not None:
             _integer("history_limit", self.history_limit, minimum=1)
+
+        if self.clip == "percentile" and self.window < self.warmup_steps:
+            raise ValueError(
+                f"window={self.window!r} is shorter than warmup_steps={self.warmup_steps!r}: "
+                "clip='percentile' waits for warmup_steps norms in the window before it "
+                "clips; raise window or lower warmup_steps"
+            )
+        if self.max_norm is not None and self.clip in ("value", "agc", "none"):
+            raise ValueError(
+                f"max_norm={self.max_norm!r} has no effect with clip={self.clip!r}; use "
+                "clip='norm' for a fixed norm threshold (or 'auto', 'zscore', 'percentile' "
+                "with max_norm as a ceiling), or leave max_norm=None"
+            )
 
         groupings = [
             name

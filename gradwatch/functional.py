@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,9 +42,23 @@ def group_by_device_and_dtype(
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     return [
-        TensorGroup(dev, dt, tuple(idx), torch.tensor(idx, dtype=torch.long, device=out_device))
+        TensorGroup(dev, dt, tuple(idx), to_device(idx, torch.long, out_device))
         for (dev, dt), idx in groups.items()
     ]
+
+
+def to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a tensor on ``device`` without blocking the host.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory, which waits for
+    the device; a pinned staging buffer and ``non_blocking=True`` do not.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -73,8 +88,7 @@ def tensor_norms(
     """
     n = len(tensors)
     if len(groups) == 1:  # the common case: one device, one dtype, already in order
-        norms = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
-        norms = _on(norms, out_device)
+        norms = _on(_norms(tensors), out_device)
         max_abs = None
         if with_max_abs:
             max_abs = _on(_max_abs(tensors), out_device)
@@ -83,9 +97,8 @@ def tensor_norms(
     max_abs = torch.empty(n, dtype=torch.float32, device=out_device) if with_max_abs else None
     for g in groups:
         ts = [tensors[i] for i in g.indices]
-        # One fused call per group; dtype=float32 keeps fp16/bf16 norms exact and finite.
-        part = torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
-        norms.index_copy_(0, g.index, _on(part, out_device))
+        # One fused call per group; fp32 accumulation keeps fp16/bf16 norms finite.
+        norms.index_copy_(0, g.index, _on(_norms(ts), out_device))
         if max_abs is not None:
             max_abs.index_copy_(0, g.index, _on(_max_abs(ts), out_device))
     return norms, max_abs
@@ -103,6 +116,16 @@ def layer_max(values: Tensor, layer_index: Tensor, num_layers: int) -> Tensor:
     return out.scatter_reduce_(0, layer_index, values, reduce="amax", include_self=True)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Accumulate norms in fp32 for 16/32-bit floats; float64 in its own precision."""
+    return None if dtype == torch.float64 else torch.float32
+
+
+def _norms(tensors: Sequence[Tensor]) -> Tensor:
+    norms = torch._foreach_norm(list(tensors), 2, dtype=_acc_dtype(tensors[0].dtype))
+    return torch.stack(norms).float()
+
+
 def _max_abs(tensors: Sequence[Tensor]) -> Tensor:
     """max |x| of each tensor as an fp32 vector (NaN if the tensor holds a NaN).
 
@@ -111,7 +134,8 @@ def _max_abs(tensors: Sequence[Tensor]) -> Tensor:
     there ``max(amax, -amin)`` is taken per tensor: two fast reads, no temporaries.
     """
     if tensors[0].device.type != "cpu":
-        return torch.stack(torch._foreach_norm(list(tensors), float("inf"), dtype=torch.float32))
+        dtype = _acc_dtype(tensors[0].dtype)
+        return torch.stack(torch._foreach_norm(list(tensors), float("inf"), dtype=dtype)).float()
     hi = torch.stack([t.amax() for t in tensors]).float()
     lo = torch.stack([t.amin() for t in tensors]).float()
     # torch.maximum propagates NaN, so a NaN anywhere still reads as NaN.
@@ -131,7 +155,9 @@ def scale_(tensors: Sequence[Tensor], groups: Sequence[TensorGroup], coef: Tenso
     """
     for g in groups:
         ts = [tensors[i] for i in g.indices]
-        torch._foreach_mul_(ts, _on(coef, g.device).to(g.dtype))
+        # The coefficient stays fp32 (as in clip_grads_with_norm_): cast to fp16 a small
+        # one would underflow to 0 and wipe the gradients.
+        torch._foreach_mul_(ts, _on(coef, g.device))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MonitorConfig
-from .functional import TensorGroup, group_by_device_and_dtype
+from .functional import TensorGroup, group_by_device_and_dtype, to_device
 
 ROOT_LAYER = "(root)"
 
@@ -152,7 +152,15 @@ class GradPlan:
         return cls(
             positions=positions,
             groups=group_by_device_and_dtype(grads, device),
-            layer_index=torch.tensor(layer_ids, dtype=torch.long, device=device),
-            layer_present=torch.tensor([n > 0 for n in numel], dtype=torch.bool, device=device),
-            layer_numel=torch.tensor(numel, dtype=torch.float32, device=device),
+            layer_index=to_device(layer_ids, torch.long, device),
+            layer_present=to_device([n > 0 for n in numel], torch.bool, device),
+            layer_numel=to_device(numel, torch.float32, device),
+        )
+
+    def matches(self, grads: list[Tensor]) -> bool:
+        """Whether the gradients still have the devices and dtypes the plan grouped."""
+        return all(
+            grads[i].dtype == g.dtype and grads[i].device == g.device
+            for g in self.groups
+            for i in (g.indices[0], g.indices[-1])
         )

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import math
 import warnings
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -48,10 +49,27 @@ from .stats import EmaStats, RecentWindow
 
 STATE_VERSION = 1
 
+
+def family_z(z: float, num_tests: int) -> float:
+    """The z threshold that keeps ``num_tests`` one-sided Gaussian tests at the
+    false-alarm rate of a single test at ``z`` (Bonferroni).
+
+    With 100 layers a per-layer z of 4.0 becomes 4.98 and 2.5 becomes 3.84, so a deep
+    model is not flagged more often than a shallow one.
+    """
+    if num_tests <= 1:
+        return z
+    nd = NormalDist()
+    tail = (1.0 - nd.cdf(z)) / num_tests
+    if tail <= 0.0:  # z beyond double precision's tail: already as strict as it gets
+        return z
+    return max(z, nd.inv_cdf(1.0 - tail))
+
 # Below this many updates a channel is fed raw values; from then on values are
 # winsorised at the detection threshold, so one early spike cannot inflate the
 # variance for hundreds of steps.
 _ROBUST_AFTER = 5
+_MAX_PLANS = 64
 
 
 class StepResult:
@@ -172,7 +190,20 @@ class GradMonitor:
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.layers = LayerTable.from_model(model, self.config)
-        self.device = self.layers.params[0].device
+        complex_params = [n for n, p in zip(self.layers.param_names, self.layers.params)
+                          if p.is_complex()]
+        if complex_params:
+            raise ValueError(
+                f"model has complex parameters ({', '.join(complex_params[:3])}): gradwatch "
+                "monitors real-valued gradients; view them as real pairs "
+                "(torch.view_as_real) or attach to a submodule without them"
+            )
+        # Statistics live on the accelerator if the model has one, so gathering
+        # per-tensor results never copies from a device to the host.
+        devices = [p.device for p in self.layers.params]
+        self.device = next((d for d in devices if d.type != "cpu"), devices[0])
+        if optimizer is not None:
+            self._warn_params_outside(optimizer)
         n = self.layers.num_layers
         self._layout = RowLayout(n)
         # Channels: [model log-norm, layer log-norms (L), layer log max|g| (L),
@@ -190,11 +221,40 @@ class GradMonitor:
         self._warned_scaled = False
         self._warned_unhandled = False
         self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
+        # Per-channel z thresholds: the model's channel uses the configured values, the
+        # 3 * n layer channels the family-corrected ones.
+        cfg = self.config
+        self.layer_z_threshold = family_z(cfg.z_threshold, n)
+        self.layer_clip_z = family_z(cfg.clip_z, n)
+        self._z_event = torch.tensor(
+            [cfg.z_threshold] + [self.layer_z_threshold] * n, device=self.device
+        )
+        self._z_clip = torch.tensor(
+            [cfg.clip_z] + [self.layer_clip_z] * (3 * n), device=self.device
+        )
+        self._record.layer_z_threshold = self.layer_z_threshold
         self._gate = self._make_gate()
         self._record.skip_how = self._skip_description()
         self._attached = True
 
     # ------------------------------------------------------------------ setup
+    def _warn_params_outside(self, optimizer: torch.optim.Optimizer) -> None:
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        outside = [
+            n
+            for n, p in zip(self.layers.param_names, self.layers.params)
+            if p.requires_grad and id(p) not in in_optimizer
+        ]
+        if outside:
+            warnings.warn(
+                f"gradwatch: {len(outside)} trainable parameter(s) of the model are not in "
+                f"the optimizer given to attach ({', '.join(outside[:3])}"
+                f"{', ...' if len(outside) > 3 else ''}): a step gradwatch skips is skipped "
+                "for this optimizer only. Attach one monitor per optimizer's submodule, or "
+                "use nonfinite='zero'.",
+                stacklevel=3,
+            )
+
     def _make_gate(self) -> OptimizerGate | None:
         cfg = self.config
         if self.optimizer is None:
@@ -233,11 +293,20 @@ class GradMonitor:
 
     def _plan(self) -> tuple[GradPlan, list[Tensor]]:
         params = self.layers.params
-        positions = tuple(i for i, p in enumerate(params) if p.grad is not None)
-        plan = self._plans.get(positions)
-        if plan is None:
-            plan = self._plans[positions] = GradPlan.build(self.layers, positions, self.device)
-        return plan, [params[i].grad for i in positions]
+        # Empty gradients carry no information (and some reductions reject them).
+        positions = tuple(
+            i for i, p in enumerate(params) if p.grad is not None and p.grad.numel() > 0
+        )
+        grads = [params[i].grad for i in positions]
+        plan = self._plans.pop(positions, None)
+        if plan is None or not plan.matches(grads):
+            plan = GradPlan.build(self.layers, positions, self.device)
+        # Most recently used last; a model whose set of gradients changes every step
+        # (routing, dropped layers) keeps a bounded number of plans.
+        self._plans[positions] = plan
+        if len(self._plans) > _MAX_PLANS:
+            del self._plans[next(iter(self._plans))]
+        return plan, grads
 
     # ------------------------------------------------------------------ the step
     def step(self) -> StepResult:
@@ -274,8 +343,10 @@ class GradMonitor:
         # NaN/Inf anywhere makes its tensor's norm, hence the sum, non-finite.
         nonfinite = ~torch.isfinite(global_norm)
         present = plan.layer_present
+        # NaN (so log is NaN and the channel is not updated) where a layer has no
+        # gradient or an all-zero one: there is no concentration to speak of.
         concentration = torch.where(
-            layer_norm > 0, layer_max * plan.layer_numel.sqrt() / layer_norm, 1.0
+            layer_norm > 0, layer_max * plan.layer_numel.sqrt() / layer_norm, math.nan
         )
         x = torch.cat([global_norm.reshape(1), layer_norm, layer_max, concentration]).log()
         valid = torch.isfinite(x)  # absent layers have norm 0, so log is -inf: invalid
@@ -290,11 +361,13 @@ class GradMonitor:
         norm_z = z[: n + 1]  # model, then layers
         # Two levels: beyond z_threshold a step is an explosion (an event); beyond
         # clip_z (usually lower) the adaptive modes clip it back to that boundary.
-        flagged = norm_z > cfg.z_threshold
+        # Layer thresholds are raised for the number of layers (see family_z), so the
+        # chance that a normal step is flagged does not grow with depth.
+        flagged = norm_z > self._z_event
         explosion = flagged.any()
-        anomalous = norm_z > cfg.clip_z
+        anomalous = norm_z > self._z_clip[: n + 1]
         norm_thr = torch.where(
-            warm[: n + 1], (mean[: n + 1] + cfg.clip_z * std[: n + 1]).exp(), math.inf
+            warm[: n + 1], (mean[: n + 1] + self._z_clip[: n + 1] * std[: n + 1]).exp(), math.inf
         )
         conc_z = z[2 * n + 1 :]
         concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
@@ -331,7 +404,9 @@ class GradMonitor:
             # Outliers in a few components: value-clip those layers at their own
             # typical max|g| plus clip_z deviations, sparing the other components.
             lm = slice(n + 1, 2 * n + 1)
-            tau = torch.where(concentrated, (mean[lm] + cfg.clip_z * std[lm]).exp(), math.inf)
+            tau = torch.where(
+                concentrated, (mean[lm] + self._z_clip[lm] * std[lm]).exp(), math.inf
+            )
             value_clipped = concentrated.any()
             threshold = self._ceiling(threshold)
 
@@ -376,11 +451,12 @@ class GradMonitor:
         # 4. Robust statistics update: winsorise at the clipping boundary, so a spike
         # is fed back as the clipped value and cannot drag the statistics along.
         robust = count >= min(_ROBUST_AFTER, cfg.warmup_steps)
-        bound = cfg.clip_z * std
+        bound = self._z_clip * std
         fed = torch.where(robust, torch.clamp(x, mean - bound, mean + bound), x)
         update = valid & ~nonfinite
         self._stats.update(fed, update)
-        self._window.push(fed[: n + 1], update[: n + 1], self._step)
+        # The window keeps the raw log norms: quantiles are robust to a few spikes.
+        self._window.push(x[: n + 1], update[: n + 1], self._step)
 
         # 5. Record.
         clipped_norm = post_layer_norm.square().sum().sqrt()

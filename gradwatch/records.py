@@ -93,6 +93,7 @@ class HostRecord:
         self.rows: list[np.ndarray] = []
         self.events: list[dict[str, Any]] = []
         self.skip_how = "optimizer step skipped"
+        self.layer_z_threshold = float(config.z_threshold)
 
     def add(self, steps: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """Store a chunk of rows; return the events it contains (also kept)."""
@@ -103,6 +104,10 @@ class HostRecord:
             while total - len(self.steps[0]) >= self.limit:
                 total -= len(self.steps.pop(0))
                 self.rows.pop(0)
+            extra = total - self.limit
+            if extra > 0:  # cut the oldest chunk so exactly `limit` steps remain
+                self.steps[0] = self.steps[0][extra:]
+                self.rows[0] = self.rows[0][extra:]
         new = [ev for step, row in zip(steps, rows) for ev in self._events_of(int(step), row)]
         self.events.extend(new)
         return new
@@ -151,8 +156,8 @@ class HostRecord:
         for i in flagged[:3]:
             parts.append(
                 f"{self.layer_names[i]} norm {per['grad_norm'][i]:.3g} vs typical "
-                f"{per['typical_norm'][i]:.3g} (z={z[i]:+.1f}, concentration "
-                f"z={per['concentration_z'][i]:+.1f})"
+                f"{per['typical_norm'][i]:.3g} (z={z[i]:+.1f} > {self.layer_z_threshold:.3g}, "
+                f"concentration z={per['concentration_z'][i]:+.1f})"
             )
         if len(flagged) > 3:
             parts.append(f"and {len(flagged) - 3} more layer(s)")
@@ -239,7 +244,7 @@ class HostRecord:
         import pandas as pd
 
         steps, rows = self.stacked()
-        n, nl = len(steps), self.layout.num_layers
+        nl = self.layout.num_layers
         present = rows[:, self.layout.layer["present"]] > 0  # (n, L)
         step_idx, layer_idx = np.nonzero(present)
         data: dict[str, Any] = {
@@ -253,7 +258,6 @@ class HostRecord:
                 continue
             block = rows[:, sl][step_idx, layer_idx]
             data[name] = block > 0 if name == "flagged" else block
-        del n
         return pd.DataFrame(data)
 
     def event_table(self):

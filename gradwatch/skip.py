@@ -5,15 +5,22 @@ a ``found_inf`` tensor attribute inside ``step()`` and, when it is 1, leaves the
 parameters and its state untouched. That is how ``GradScaler`` skips them without a
 host synchronisation, and how :class:`OptimizerGate` skips them too.
 
-Any other optimizer cannot be told "skip" by a tensor, so the gate reads the flag on
-the host inside ``optimizer.step()``: one scalar synchronisation per optimizer step,
-exactly what ``GradScaler.step`` pays for such optimizers. ``nonfinite="zero"`` avoids
-it by zeroing the gradients instead (see :func:`gradwatch.functional.zero_where_`).
+Two cases fall back to reading the flag on the host inside ``optimizer.step()`` (one
+scalar synchronisation per optimizer step, exactly what ``GradScaler.step`` pays for
+such optimizers):
+
+* any optimizer without ``found_inf`` support;
+* a fused optimizer while some of its parameters have no state yet (its first steps):
+  fused kernels create their state even on a skipped step, and fused SGD fills its
+  momentum buffers with uninitialised memory there, which would corrupt the next
+  step.
+
+``nonfinite="zero"`` avoids all of this by zeroing the gradients instead.
 """
 
 from __future__ import annotations
 
-import functools
+import types
 from typing import Any
 
 import torch
@@ -28,38 +35,62 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 class OptimizerGate:
     """Wraps ``optimizer.step`` so that a step flagged by the monitor does not happen.
 
+    The wrapper is installed as a bound method, so wrappers added later (an LR
+    scheduler's step counter, which re-binds ``optimizer.step.__func__``) keep
+    calling through it.
+
     Args:
-        optimizer: the optimizer to gate. Its ``step`` is replaced by an instance
-            attribute until :meth:`remove` is called; wrappers installed earlier (an LR
-            scheduler's step counter) stay inside.
+        optimizer: the optimizer to gate.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.fused = supports_found_inf(optimizer)
+        self._num_params = sum(len(g["params"]) for g in optimizer.param_groups)
         self._flag: Tensor | None = None
+        self._active = True
+        self._all_state = False
         self._had_instance_step = "step" in optimizer.__dict__
         self._previous = optimizer.step
-        original = optimizer.step
+        original = optimizer.step  # bound (or an earlier wrapper): called as it is
+        gate = self
 
-        @functools.wraps(original)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            flag, self._flag = self._flag, None
-            if flag is None:
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            flag, gate._flag = gate._flag, None
+            if flag is None or not gate._active:
                 return original(*args, **kwargs)
-            if self.fused:
-                return self._fused_step(original, flag, *args, **kwargs)
+            if gate.fused and gate._state_ready(opt):
+                return gate._fused_step(original, flag, *args, **kwargs)
             # Host sync: one scalar per optimizer step, as GradScaler does for
             # optimizers without found_inf support. Use nonfinite="zero" to avoid it.
             if bool(flag):
                 return None
             return original(*args, **kwargs)
 
-        optimizer.step = step  # type: ignore[method-assign]
+        step.__name__ = "step"
+        step.__doc__ = getattr(original, "__doc__", None)
+        if getattr(original, "_wrapped_by_lr_sched", False):
+            # An LR scheduler created before attach checks this marker to tell that
+            # optimizer.step is still its own counting wrapper (it is: we call it).
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        self._wrapper = types.MethodType(step, optimizer)
+        optimizer.step = self._wrapper  # type: ignore[method-assign]
 
     def arm(self, flag: Tensor) -> None:
         """Skip the next ``optimizer.step()`` if the 0-dim bool ``flag`` is true."""
         self._flag = flag
+
+    def _state_ready(self, opt: torch.optim.Optimizer) -> bool:
+        """Whether every parameter about to be stepped already has optimizer state."""
+        if self._all_state:
+            return True
+        if len(opt.state) >= self._num_params:
+            self._all_state = True
+            return True
+        state = opt.state
+        return all(
+            p in state for g in opt.param_groups for p in g["params"] if p.grad is not None
+        )
 
     def _fused_step(self, original: Any, flag: Tensor, *args: Any, **kwargs: Any) -> Any:
         opt = self.optimizer
@@ -79,8 +110,12 @@ class OptimizerGate:
                 opt.found_inf = previous  # type: ignore[attr-defined]
 
     def remove(self) -> None:
-        """Restore the optimizer's own ``step``."""
-        if self._had_instance_step:
-            self.optimizer.step = self._previous  # type: ignore[method-assign]
-        else:
-            self.optimizer.__dict__.pop("step", None)
+        """Stop gating. The optimizer's own ``step`` comes back if nothing wrapped it
+        since; otherwise the gate stays in the chain but passes every call through."""
+        self._active = False
+        self._flag = None
+        if self.optimizer.__dict__.get("step") is self._wrapper:
+            if self._had_instance_step:
+                self.optimizer.step = self._previous  # type: ignore[method-assign]
+            else:
+                del self.optimizer.__dict__["step"]

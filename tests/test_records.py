@@ -68,7 +68,8 @@ def test_history_limit_drops_oldest_steps():
         stream.write()
         monitor.step()
     steps = monitor.steps()
-    assert 12 <= len(steps) < 17 and steps.step.iloc[-1] == 39
+    assert list(steps.step) == list(range(28, 40))
+    assert len(monitor.history()) == 12 * 3
 
 
 def test_recent_quantiles():
