@@ -155,7 +155,7 @@ class HostRecord:
             )
         for i in flagged[:3]:
             parts.append(
-                f"{self.layer_names[i]} norm {per['grad_norm'][i]:.3g} vs typical "
+                f"layer {self.layer_names[i]!r} norm {per['grad_norm'][i]:.3g} vs typical "
                 f"{per['typical_norm'][i]:.3g} (z={z[i]:+.1f} > {self.layer_z_threshold:.3g}, "
                 f"concentration z={per['concentration_z'][i]:+.1f})"
             )
@@ -183,7 +183,8 @@ class HostRecord:
             valued = np.flatnonzero(np.isfinite(per["value_threshold"]))
             if cfg.clip == "auto":
                 done = "outlier components (concentration far above normal) in " + ", ".join(
-                    f"{self.layer_names[i]} clipped by value at {per['value_threshold'][i]:.3g}"
+                    f"{self.layer_names[i]!r} clipped by value at "
+                    f"{per['value_threshold'][i]:.3g}"
                     for i in valued[:3]
                 )
             else:
