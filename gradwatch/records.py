@@ -227,46 +227,60 @@ class HostRecord:
         return np.concatenate(self.steps), np.concatenate(self.rows)
 
     def step_table(self):
-        import pandas as pd
-
-        steps, rows = self.stacked()
-        data: dict[str, Any] = {"step": steps}
-        for name, i in self.layout.step.items():
-            col = rows[:, i]
-            if name == "action":
-                data[name] = pd.Categorical.from_codes(col.astype(np.int64), categories=ACTIONS)
-            elif name in ("explosion", "nonfinite", "amp", "skip_z"):
-                data[name] = col > 0
-            else:
-                data[name] = col
-        return pd.DataFrame(data)
+        return step_frame(self.layout, *self.stacked())
 
     def layer_table(self):
-        import pandas as pd
-
-        steps, rows = self.stacked()
-        nl = self.layout.num_layers
-        present = rows[:, self.layout.layer["present"]] > 0  # (n, L)
-        step_idx, layer_idx = np.nonzero(present)
-        data: dict[str, Any] = {
-            "step": steps[step_idx],
-            "layer": pd.Categorical.from_codes(layer_idx, categories=self.layer_names)
-            if nl
-            else pd.Categorical([]),
-        }
-        for name, sl in self.layout.layer.items():
-            if name == "present":
-                continue
-            block = rows[:, sl][step_idx, layer_idx]
-            data[name] = block > 0 if name == "flagged" else block
-        return pd.DataFrame(data)
+        return layer_frame(self.layout, self.layer_names, *self.stacked())
 
     def event_table(self):
-        import pandas as pd
+        return event_frame(self.events)
 
-        columns = ["step", "kind", "layer", "layers", "action", "reason", "z", "global_norm",
-                   "threshold"]
-        return pd.DataFrame(self.events, columns=columns)
+
+EVENT_COLUMNS = ("step", "kind", "layer", "layers", "action", "reason", "z", "global_norm",
+                 "threshold")
+_BOOL_STEP_FIELDS = ("explosion", "nonfinite", "amp", "skip_z")
+
+
+def step_frame(layout: RowLayout, steps: np.ndarray, rows: np.ndarray):
+    """One row per step (pandas), from host rows."""
+    import pandas as pd
+
+    data: dict[str, Any] = {"step": steps}
+    for name, i in layout.step.items():
+        col = rows[:, i]
+        if name == "action":
+            data[name] = pd.Categorical.from_codes(col.astype(np.int64), categories=ACTIONS)
+        elif name in _BOOL_STEP_FIELDS:
+            data[name] = col > 0
+        else:
+            data[name] = col
+    return pd.DataFrame(data)
+
+
+def layer_frame(layout: RowLayout, layer_names: Sequence[str], steps: np.ndarray,
+                rows: np.ndarray):
+    """Long format, one row per (step, layer) where the layer had a gradient."""
+    import pandas as pd
+
+    present = rows[:, layout.layer["present"]] > 0  # (n, L)
+    step_idx, layer_idx = np.nonzero(present)
+    data: dict[str, Any] = {
+        "step": steps[step_idx],
+        "layer": pd.Categorical.from_codes(layer_idx, categories=list(layer_names)),
+    }
+    for name, sl in layout.layer.items():
+        if name == "present":
+            continue
+        block = rows[:, sl][step_idx, layer_idx]
+        data[name] = block > 0 if name == "flagged" else block
+    return pd.DataFrame(data)
+
+
+def event_frame(events: Sequence[dict[str, Any]]):
+    """Events as a pandas DataFrame with a fixed set of columns."""
+    import pandas as pd
+
+    return pd.DataFrame(list(events), columns=list(EVENT_COLUMNS))
 
 
 def _join(names: list[str], limit: int = 5) -> str:
