@@ -110,6 +110,10 @@ class MonitorConfig:
     """Per-step values are buffered on the device and copied to the host in one
     transfer every ``log_every`` steps."""
 
+    flush_every: int = 200
+    """The run record (``attach(run_dir=...)``) writes a Parquet part to disk once this
+    many steps are buffered, and on exit."""
+
     history_limit: int | None = None
     """Keep at most this many steps of per-layer history in memory (oldest dropped).
     ``None`` keeps everything."""
@@ -162,6 +166,7 @@ class MonitorConfig:
         _positive("min_std", self.min_std)
         _integer("window", self.window, minimum=2)
         _integer("log_every", self.log_every, minimum=1)
+        _integer("flush_every", self.flush_every, minimum=1)
         if self.history_limit is not None:
             _integer("history_limit", self.history_limit, minimum=1)
 

@@ -20,10 +20,14 @@ What one step does, all on the device and without reading any value on the host:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import difflib
 import math
+import os
 import warnings
+import weakref
+from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -44,10 +48,24 @@ from .records import (
     RowLayout,
     nan_if_inf,
 )
+from .reporting import Chunk, Reporter, ReporterSet
 from .skip import OptimizerGate, supports_found_inf
 from .stats import EmaStats, RecentWindow
 
 STATE_VERSION = 1
+
+# Monitors still attached at interpreter exit are flushed and their reporters closed,
+# so the run record on disk holds every step.
+_live_monitors: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_monitors() -> None:
+    for monitor in list(_live_monitors):
+        try:
+            monitor.detach()
+        except Exception:  # noqa: BLE001 - exiting: never raise from atexit
+            pass
 
 
 def family_z(z: float, num_tests: int) -> float:
@@ -165,6 +183,8 @@ class GradMonitor:
         scaler: the ``torch.amp.GradScaler`` in use, if any. Non-finite steps are then
             recorded as ``amp_overflow`` and left for the scaler to skip.
         config: a :class:`MonitorConfig`.
+        reporters: objects following :class:`gradwatch.reporting.Reporter` (the run
+            record, W&B) that receive the records every ``log_every`` steps.
     """
 
     def __init__(
@@ -174,6 +194,7 @@ class GradMonitor:
         *,
         scaler: torch.amp.GradScaler | None = None,
         config: MonitorConfig | None = None,
+        reporters: Sequence[Reporter] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -233,6 +254,10 @@ class GradMonitor:
             [cfg.clip_z] + [self.layer_clip_z] * (3 * n), device=self.device
         )
         self._record.layer_z_threshold = self.layer_z_threshold
+        self._reporters = ReporterSet()
+        for reporter in reporters:
+            self.add_reporter(reporter)
+        _live_monitors.add(self)
         self._gate = self._make_gate()
         self._record.skip_how = self._skip_description()
         self._attached = True
@@ -535,6 +560,8 @@ class GradMonitor:
         steps = np.arange(first, self._step, dtype=np.int64)
         self._pending = 0
         new = self._record.add(steps, rows)
+        if len(self._reporters):
+            self._reporters.call("report", self, Chunk(steps, rows, new, {}))
         if not self._handles_nonfinite and not self._warned_unhandled:
             bad = [e["step"] for e in new if e["kind"] == "nonfinite"]
             if bad:
@@ -649,10 +676,30 @@ class GradMonitor:
         if not self._attached:
             return
         self.flush()
+        self._reporters.call("close", self)
         if self._gate is not None:
             self._gate.remove()
             self._gate = None
         self._attached = False
+        _live_monitors.discard(self)
+
+    def add_reporter(self, reporter: Reporter) -> None:
+        """Report this monitor's records to ``reporter`` from now on.
+
+        Its ``start`` runs now (an exception there propagates: a reporter that cannot
+        start is a configuration error); later failures only warn.
+        """
+        reporter.start(self)
+        self._reporters.reporters.append(reporter)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The directory of this monitor's run record, if it keeps one."""
+        for reporter in self._reporters.reporters:
+            path = getattr(reporter, "run_dir", None)
+            if path is not None:
+                return str(path)
+        return None
 
     @property
     def num_steps(self) -> int:
@@ -672,6 +719,8 @@ def attach(
     *,
     scaler: torch.amp.GradScaler | None = None,
     config: MonitorConfig | None = None,
+    run_dir: str | os.PathLike[str] | bool | None = True,
+    reporters: Sequence[Reporter] = (),
     **overrides: Any,
 ) -> GradMonitor:
     """Attach a :class:`GradMonitor` to ``model``.
@@ -681,6 +730,10 @@ def attach(
         optimizer: its optimizer, so non-finite (or catastrophic) steps can be skipped.
         scaler: the ``torch.amp.GradScaler`` in use, if any.
         config: a :class:`MonitorConfig`; defaults to ``MonitorConfig()``.
+        run_dir: where to record the run (Parquet parts, see
+            :mod:`gradwatch.run_record`). ``True`` (default): a new directory under
+            ``./gradwatch_runs/``; a path: that directory; ``False``/``None``: no record.
+        reporters: more reporters (see :mod:`gradwatch.reporting`).
         **overrides: fields of :class:`MonitorConfig` to set (on top of ``config``).
 
     Returns:
@@ -705,4 +758,11 @@ def attach(
                     f"are the fields of MonitorConfig: {', '.join(sorted(fields))}"
                 )
         config = dataclasses.replace(config or MonitorConfig(), **overrides)
-    return GradMonitor(model, optimizer, scaler=scaler, config=config)
+    all_reporters = list(reporters)
+    if run_dir:
+        from .run_record import RunRecorder, default_run_dir
+
+        path = default_run_dir() if run_dir is True else run_dir
+        flush_every = (config or MonitorConfig()).flush_every
+        all_reporters.insert(0, RunRecorder(path, flush_every=flush_every))
+    return GradMonitor(model, optimizer, scaler=scaler, config=config, reporters=all_reporters)

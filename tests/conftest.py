@@ -18,3 +18,9 @@ def tiny_net():
 
     torch.manual_seed(0)
     return TinyNet()
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """attach() records runs under ./gradwatch_runs by default: keep that out of the tree."""
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,260 @@
+"""The durable run record: a directory a report can be built from, during or after a run.
+
+Layout of a run directory::
+
+    meta.json                    format, versions, config, layer table, sessions, status
+    steps/part-<session>-<first step>.parquet    one row per step
+    layers/part-<session>-<first step>.parquet   one row per (step, layer)
+    events/part-<session>-<first step>.parquet   one row per event
+
+``meta.json`` is written when recording starts, so the layer table and config are on
+disk before the first step. Parts are written every ``flush_every`` steps and on exit,
+each to a temporary name first and then renamed: a process killed at any moment
+(SIGKILL included) leaves every part either complete or absent, never truncated.
+
+A resumed run (a monitor restored with ``load_state_dict``) recording into the same
+directory adds a session; steps it records again replace the earlier ones on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .records import event_frame, layer_frame, step_frame
+from .reporting import Chunk
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .monitor import GradMonitor
+
+FORMAT = "gradwatch-run"
+FORMAT_VERSION = 1
+TABLES = ("steps", "layers", "events")
+
+
+class RunDirError(ValueError):
+    """A run directory is missing, truncated, or not a gradwatch run."""
+
+
+def default_run_dir() -> Path:
+    """A new ``./gradwatch_runs/run-<date>-<time>[-<n>]`` that does not exist yet."""
+    base = Path("gradwatch_runs") / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class RunRecorder:
+    """Writes a monitor's records into a run directory as Parquet parts.
+
+    Args:
+        run_dir: the directory (created if missing).
+        flush_every: write a part once this many steps are buffered. The monitor
+            hands records over every ``log_every`` steps, so parts hold a multiple of
+            that.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], flush_every: int = 200) -> None:
+        if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+            raise ValueError(f"flush_every={flush_every!r} must be an integer >= 1")
+        self.run_dir = Path(run_dir)
+        self.flush_every = flush_every
+        self.session = f"{time.time_ns():020d}"
+        self._chunks: list[Chunk] = []
+        self._buffered = 0
+        self._meta: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ Reporter
+    def start(self, monitor: GradMonitor) -> None:
+        for table in TABLES:
+            (self.run_dir / table).mkdir(parents=True, exist_ok=True)
+        meta_path = self.run_dir / "meta.json"
+        layers = monitor.layers.describe()
+        if meta_path.exists():
+            meta = read_meta(self.run_dir)
+            if [rec["layer"] for rec in meta["layers"]] != [rec["layer"] for rec in layers]:
+                raise RunDirError(
+                    f"{self.run_dir} holds the record of a model with other layers; record "
+                    "into a new directory (run_dir=...)"
+                )
+        else:
+            meta = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "gradwatch_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "config": monitor.config.to_dict(),
+                "layers": layers,
+                "layer_z_threshold": monitor.layer_z_threshold,
+                "layer_clip_z": monitor.layer_clip_z,
+                "sessions": [],
+            }
+        meta["sessions"].append({"id": self.session, "first_step": monitor.num_steps,
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        meta["status"] = "running"
+        meta["last_step"] = monitor.num_steps - 1
+        self._meta = meta
+        _write_json_atomic(meta_path, meta)
+
+    def report(self, monitor: GradMonitor, chunk: Chunk) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk.steps)
+        if self._buffered >= self.flush_every:
+            self._write(monitor)
+
+    def close(self, monitor: GradMonitor) -> None:
+        self._write(monitor)
+        self._meta["status"] = "finished"
+        _write_json_atomic(self.run_dir / "meta.json", self._meta)
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, monitor: GradMonitor) -> None:
+        if not self._chunks:
+            return
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        steps = np.concatenate([c.steps for c in chunks])
+        rows = np.concatenate([c.rows for c in chunks])
+        events = [e for c in chunks for e in c.events]
+        layout, names = monitor._layout, monitor.layers.names
+        name = f"part-{self.session}-{int(steps[0]):012d}.parquet"
+        frames = {
+            "events": event_frame(events),
+            "layers": layer_frame(layout, names, steps, rows),
+            "steps": step_frame(layout, steps, rows),  # last: marks the part complete
+        }
+        for table, frame in frames.items():
+            path = self.run_dir / table / name
+            tmp = path.with_name(path.name + ".tmp")
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        self._meta["last_step"] = int(steps[-1])
+        _write_json_atomic(self.run_dir / "meta.json", self._meta)
+
+
+# ---------------------------------------------------------------------- reading
+@dataclass
+class RunData:
+    """A run directory read back: its metadata and three tables."""
+
+    meta: dict[str, Any]
+    steps: pd.DataFrame
+    layers: pd.DataFrame
+    events: pd.DataFrame
+
+
+def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``meta.json``; raise :class:`RunDirError` with one line if bad."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    path = run_dir / "meta.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: not a gradwatch run directory (no meta.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path}: truncated or not JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RunDirError(f"{path}: not a gradwatch run (format is not {FORMAT!r})")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise RunDirError(
+            f"{path}: run format version {meta.get('format_version')!r} is newer than this "
+            f"gradwatch reads ({FORMAT_VERSION}); upgrade gradwatch"
+        )
+    for key in ("layers", "config", "sessions"):
+        if key not in meta:
+            raise RunDirError(f"{path}: incomplete metadata (no {key!r})")
+    return meta
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> RunData:
+    """Read a run directory (complete, still running, or left by a crash).
+
+    Returns:
+        :class:`RunData` with ``steps`` (one row per step), ``layers`` (one row per
+        step and layer), ``events``, and ``meta``.
+
+    Raises:
+        RunDirError: the directory is missing, not a gradwatch run, or a part is
+            truncated or foreign (the message is one line naming the file).
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    order = {s["id"]: i for i, s in enumerate(meta["sessions"])}
+    keys = {"steps": ["step"], "layers": ["step", "layer"], "events": ["step", "kind"]}
+    tables = {}
+    for table in TABLES:
+        parts = sorted((run_dir / table).glob("part-*.parquet"), key=lambda p: _part_key(p, order))
+        frames = [_read_part(p) for p in parts]
+        if frames:
+            df = pd.concat(frames, ignore_index=True)
+            # A resumed session re-records the steps after its checkpoint: keep the latest.
+            df = df.drop_duplicates(subset=keys[table], keep="last")
+            df = df.sort_values(keys[table], kind="stable").reset_index(drop=True)
+        else:
+            df = _empty(table, meta)
+        if table == "layers":
+            names = [rec["layer"] for rec in meta["layers"]]
+            df["layer"] = pd.Categorical(df["layer"].astype(str), categories=names)
+        tables[table] = df
+    return RunData(meta=meta, steps=tables["steps"], layers=tables["layers"],
+                   events=tables["events"])
+
+
+def _part_key(path: Path, order: dict[str, int]) -> tuple[int, int]:
+    parts = path.stem.split("-")  # part, session, first step
+    try:
+        return order.get(parts[1], len(order)), int(parts[2])
+    except (IndexError, ValueError):
+        raise RunDirError(f"{path}: not a gradwatch part (unexpected file name)") from None
+
+
+def _read_part(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise RunDirError(
+            f"{path}: truncated or not a Parquet file ({type(err).__name__})"
+        ) from None
+
+
+def _empty(table: str, meta: dict[str, Any]):
+    import pandas as pd
+
+    from .records import EVENT_COLUMNS, LAYER_FIELDS, STEP_FIELDS
+
+    if table == "steps":
+        return pd.DataFrame(columns=["step", *STEP_FIELDS])
+    if table == "layers":
+        cols = ["step", "layer", *[f for f in LAYER_FIELDS if f != "present"]]
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame(columns=list(EVENT_COLUMNS))
