@@ -1,0 +1,208 @@
+"""The durable run record: what is on disk equals what the monitor saw, at any moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from helpers import GradStream, mlp
+
+import gradwatch
+from gradwatch.run_record import RunDirError, load_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(monitor, model, opt, steps, start=0):
+    stream = GradStream(model)
+    stream.step = start
+    for t in range(start, start + steps):
+        stream.write(diffuse={"2": 100.0} if t == 70 else None)
+        if t == 90:
+            model[0].weight.grad[0, 0] = float("nan")
+        monitor.step()
+        opt.step()
+
+
+def test_record_equals_monitor_tables(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=10, flush_every=40)
+    _train(monitor, model, opt, 130)
+    monitor.detach()
+    run = load_run(tmp_path / "run")
+    assert run.meta["status"] == "finished" and run.meta["last_step"] == 129
+    pd.testing.assert_frame_equal(run.steps, monitor.steps(), check_dtype=False,
+                                  check_categorical=False)
+    pd.testing.assert_frame_equal(run.layers, monitor.history(), check_dtype=False,
+                                  check_categorical=False)
+    pd.testing.assert_frame_equal(run.events, monitor.events(), check_dtype=False)
+    assert set(run.events.kind) == {"explosion", "nonfinite"}
+
+
+def test_meta_written_before_the_first_step(tmp_path):
+    model = mlp()
+    monitor = gradwatch.attach(model, run_dir=tmp_path / "run", clip="zscore")
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["status"] == "running" and meta["config"]["clip"] == "zscore"
+    assert [rec["layer"] for rec in meta["layers"]] == ["0", "2", "4"]
+    assert meta["layers"][0]["numel"] == 16 * 32 + 32
+    run = load_run(tmp_path / "run")  # readable with no step recorded yet
+    assert len(run.steps) == 0 and len(run.events) == 0
+    assert monitor.run_dir == str(tmp_path / "run")
+
+
+def test_parts_are_flushed_as_the_run_goes(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=10, flush_every=50)
+    _train(monitor, model, opt, 125)
+    run = load_run(tmp_path / "run")  # while the run is still going
+    assert list(run.steps.step) == list(range(100))
+    assert run.meta["status"] == "running"
+
+
+def test_default_run_dir_is_new_each_time():
+    first = gradwatch.attach(mlp())
+    second = gradwatch.attach(mlp())
+    assert first.run_dir != second.run_dir
+    assert os.path.dirname(first.run_dir) == "gradwatch_runs"
+    assert gradwatch.attach(mlp(), run_dir=False).run_dir is None
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    import gradwatch
+    from helpers import GradStream, mlp
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir={run!r}, log_every=10, flush_every=30)
+    stream = GradStream(model)
+    for t in range(10_000):
+        stream.write()
+        monitor.step()
+        opt.step()
+        if t == 137:
+            print("killing", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_every_flushed_part_readable(tmp_path):
+    run = tmp_path / "run"
+    script = KILLED_RUN.format(tests=os.path.join(ROOT, "tests"), run=str(run))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    data = load_run(run)
+    # Parts of 30 steps: 120 steps were on disk when the process died at step 137.
+    assert list(data.steps.step) == list(range(120))
+    assert data.meta["status"] == "running"
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resumed_session_replaces_rerecorded_steps(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    options = dict(run_dir=tmp_path / "run", log_every=10, flush_every=20)
+    first = gradwatch.attach(model, opt, **options)
+    _train(first, model, opt, 50)
+    state = first.state_dict()  # checkpoint at step 50 ...
+    _train(first, model, opt, 30, start=50)  # ... the run goes on to 80 and crashes:
+    assert load_run(tmp_path / "run").steps.step.max() == 79  # its parts are on disk
+    first._gate.remove()  # (the crashed process's monitor is gone)
+
+    second = gradwatch.attach(model, opt, **options)
+    second.load_state_dict(state)
+    _train(second, model, opt, 60, start=50)
+    second.detach()
+    run = load_run(tmp_path / "run")
+    assert list(run.steps.step) == list(range(110))
+    assert len(run.meta["sessions"]) == 2
+    resumed = second.steps().set_index("step")
+    on_disk = run.steps.set_index("step").loc[50:]
+    pd.testing.assert_series_equal(on_disk.global_norm, resumed.global_norm)
+
+
+def test_record_into_directory_of_another_model_is_refused(tmp_path):
+    gradwatch.attach(mlp(), run_dir=tmp_path / "run").detach()
+    with pytest.raises(RunDirError, match="holds the record of a model with other layers"):
+        gradwatch.attach(mlp((16, 8, 8, 8, 4)), run_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("missing", r"no such run directory"),
+        ("no_meta", r"not a gradwatch run directory \(no meta.json\)"),
+        ("foreign", r"not a gradwatch run \(format is not 'gradwatch-run'\)"),
+        ("bad_json", r"meta.json: truncated or not JSON"),
+        ("truncated_part", r"part-.*\.parquet: truncated or not a Parquet file"),
+        ("newer", r"run format version 99 is newer than this gradwatch reads"),
+    ],
+)
+def test_bad_run_directories_give_one_line_errors(tmp_path, damage, match):
+    run = tmp_path / "run"
+    model = mlp()
+    monitor = gradwatch.attach(model, run_dir=run, log_every=5, flush_every=5)
+    _train(monitor, model, torch.optim.SGD(model.parameters(), lr=0.01), 10)
+    monitor.detach()
+    meta = run / "meta.json"
+    if damage == "missing":
+        run = tmp_path / "elsewhere"
+    elif damage == "no_meta":
+        meta.unlink()
+    elif damage == "foreign":
+        meta.write_text(json.dumps({"name": "something else"}))
+    elif damage == "bad_json":
+        meta.write_text(meta.read_text()[:20])
+    elif damage == "truncated_part":
+        part = sorted((run / "layers").glob("*.parquet"))[0]
+        with open(part, "r+b") as f:
+            f.truncate(10)
+    elif damage == "newer":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 99}))
+    with pytest.raises(RunDirError, match=match) as info:
+        load_run(run)
+    assert "\n" not in str(info.value)
+
+
+class Exploding:
+    def start(self, monitor):
+        pass
+
+    def report(self, monitor, chunk):
+        raise OSError("disk full")
+
+    def close(self, monitor):
+        raise OSError("disk full")
+
+
+def test_failing_reporter_warns_once_and_training_continues(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", reporters=[Exploding()],
+                               log_every=5, flush_every=5)
+    with pytest.warns(UserWarning, match=r"Exploding.report failed \(OSError: disk full\)") as rec:
+        _train(monitor, model, opt, 30)
+    assert sum("Exploding" in str(w.message) for w in rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.detach()  # close fails again: already warned, stays quiet
+    assert len(load_run(tmp_path / "run").steps) == 30  # the record is unaffected
