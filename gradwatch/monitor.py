@@ -90,6 +90,14 @@ _ROBUST_AFTER = 5
 _MAX_PLANS = 64
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A device computation a reporter asked for every ``every`` steps."""
+
+    fn: Any
+    every: int
+
+
 class StepResult:
     """What :meth:`GradMonitor.step` measured and did at one step.
 
@@ -254,6 +262,8 @@ class GradMonitor:
             [cfg.clip_z] + [self.layer_clip_z] * (3 * n), device=self.device
         )
         self._record.layer_z_threshold = self.layer_z_threshold
+        self._probes: list[Probe] = []
+        self._extras: dict[int, dict[str, Tensor]] = {}
         self._reporters = ReporterSet()
         for reporter in reporters:
             self.add_reporter(reporter)
@@ -396,6 +406,13 @@ class GradMonitor:
         )
         conc_z = z[2 * n + 1 :]
         concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
+
+        # Values a reporter asked for at this step (e.g. gradient value histograms),
+        # computed on the device from the pre-clip gradients and held until the flush.
+        for probe in self._probes:
+            if self._step % probe.every == 0:
+                out = probe.fn(self, plan, grads, layer_max)
+                self._extras.setdefault(self._step, {}).update(out)
 
         # 3. Decide and clip. Decisions are tensors, applied unconditionally.
         tau = torch.full((n,), math.inf, device=dev)  # per-layer value thresholds
@@ -555,13 +572,29 @@ class GradMonitor:
         """Copy the buffered rows to the host (one transfer; synchronises)."""
         if self._pending == 0:
             return
-        rows = self._buffer[: self._pending].cpu().numpy().copy()  # the one host sync
+        rows = self._buffer[: self._pending]
+        extras, self._extras = self._extras, {}
+        if extras:  # ride along in the same transfer
+            flat = [t.reshape(-1).to(torch.float32) for d in extras.values() for t in d.values()]
+            host = torch.cat([rows.reshape(-1), *flat]).cpu().numpy()  # the one host sync
+            rows_np = host[: rows.numel()].reshape(rows.shape).copy()
+            offset = rows.numel()
+            host_extras: dict[int, dict[str, np.ndarray]] = {}
+            for step, values in extras.items():
+                for name, t in values.items():
+                    host_extras.setdefault(step, {})[name] = (
+                        host[offset : offset + t.numel()].reshape(t.shape).copy()
+                    )
+                    offset += t.numel()
+        else:
+            rows_np = rows.cpu().numpy().copy()  # the one host sync
+            host_extras = {}
         first = self._step - self._pending
         steps = np.arange(first, self._step, dtype=np.int64)
         self._pending = 0
-        new = self._record.add(steps, rows)
+        new = self._record.add(steps, rows_np)
         if len(self._reporters):
-            self._reporters.call("report", self, Chunk(steps, rows, new, {}))
+            self._reporters.call("report", self, Chunk(steps, rows_np, new, host_extras))
         if not self._handles_nonfinite and not self._warned_unhandled:
             bad = [e["step"] for e in new if e["kind"] == "nonfinite"]
             if bad:
@@ -683,6 +716,18 @@ class GradMonitor:
         self._attached = False
         _live_monitors.discard(self)
 
+    def add_probe(self, fn: Any, every: int) -> None:
+        """Compute extra device values every ``every`` steps for the reporters.
+
+        ``fn(monitor, plan, grads, layer_max) -> dict[str, Tensor]`` runs inside
+        ``step()`` on the pre-clip gradients and must not synchronise; its tensors reach
+        the reporters' :class:`~gradwatch.reporting.Chunk` ``extras[step]`` with the
+        next flush, in the same single transfer.
+        """
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be an integer >= 1")
+        self._probes.append(Probe(fn, every))
+
     def add_reporter(self, reporter: Reporter) -> None:
         """Report this monitor's records to ``reporter`` from now on.
 
@@ -720,6 +765,7 @@ def attach(
     scaler: torch.amp.GradScaler | None = None,
     config: MonitorConfig | None = None,
     run_dir: str | os.PathLike[str] | bool | None = True,
+    wandb: bool | dict[str, Any] | Reporter = False,
     reporters: Sequence[Reporter] = (),
     **overrides: Any,
 ) -> GradMonitor:
@@ -733,6 +779,9 @@ def attach(
         run_dir: where to record the run (Parquet parts, see
             :mod:`gradwatch.run_record`). ``True`` (default): a new directory under
             ``./gradwatch_runs/``; a path: that directory; ``False``/``None``: no record.
+        wandb: report to Weights & Biases: ``True`` for a
+            :class:`~gradwatch.wandb_reporter.WandbReporter` with defaults (it reuses
+            ``wandb.run`` if one is active), a dict of its arguments, or a reporter.
         reporters: more reporters (see :mod:`gradwatch.reporting`).
         **overrides: fields of :class:`MonitorConfig` to set (on top of ``config``).
 
@@ -765,4 +814,12 @@ def attach(
         path = default_run_dir() if run_dir is True else run_dir
         flush_every = (config or MonitorConfig()).flush_every
         all_reporters.insert(0, RunRecorder(path, flush_every=flush_every))
+    if wandb is not False and wandb is not None:
+        from .wandb_reporter import WandbReporter
+
+        if wandb is True:
+            wandb = WandbReporter()
+        elif isinstance(wandb, dict):
+            wandb = WandbReporter(**wandb)
+        all_reporters.append(wandb)
     return GradMonitor(model, optimizer, scaler=scaler, config=config, reporters=all_reporters)

@@ -1,0 +1,300 @@
+"""Weights & Biases reporting: metrics, histograms, alerts and a summary.
+
+``WandbReporter`` reuses the active run (``wandb.run``, e.g. one started by Lightning's
+``WandbLogger`` or the Hugging Face Trainer) and calls ``wandb.init`` only when there
+is none; ``WANDB_MODE`` is respected. Its metrics live under ``gradwatch/`` with their
+own step metric (``gradwatch/step``, declared with ``define_metric``) and are logged
+without ``step=``: W&B silently drops a row whose ``step`` is below the run's current
+one, so passing ours would lose rows whenever the host logs too.
+
+Everything it sends was computed by the monitor and reached the host in the monitor's
+one transfer every ``log_every`` steps. Histograms are computed on the device at the
+steps they are due (no synchronisation) and travel in that same transfer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .records import ACTIONS
+
+if TYPE_CHECKING:
+    from .layers import GradPlan
+    from .monitor import GradMonitor
+    from .reporting import Chunk
+
+INSTALL = 'pip install "gradwatch[wandb]"'
+ALERT_KINDS = ("explosion", "nonfinite", "amp_overflow")
+_clock = time.monotonic  # alert rate limiting; a module attribute so tests can drive it
+
+
+def require_wandb():
+    """Import wandb, or raise ImportError with the install command."""
+    if importlib.util.find_spec("wandb") is None:
+        raise ImportError(f"gradwatch's W&B reporting needs the wandb package: {INSTALL}")
+    import wandb
+
+    return wandb
+
+
+class WandbReporter:
+    """Reports a monitor to Weights & Biases.
+
+    Args:
+        run: a W&B run to log into. Default: ``wandb.run`` if one is active, else a new
+            one from ``wandb.init(**init_kwargs)``.
+        init_kwargs: arguments for ``wandb.init`` when a run has to be started.
+        prefix: namespace of every key (``gradwatch/global_norm``, ...).
+        layer_norms: log every layer's norm (``<prefix>/grad_norm/<layer>``) at every
+            step. Off for very deep models if the dashboard gets crowded.
+        hist_every: every this many steps, log each layer's distribution of recent
+            gradient norms (from the monitor's window) and value histograms of
+            ``value_hist_layers``; ``None`` for no histograms.
+        value_hist_layers: layers whose gradient values are histogrammed.
+        bins: histogram bins (W&B accepts at most 512).
+        alert_every: seconds between two alerts of the same kind; events in between
+            are counted into the next alert. W&B applies no client-side limit itself.
+        amp_overflow_alerts: alert on AMP overflows only when this many happened within
+            the last 100 steps (an occasional overflow is how GradScaler works).
+    """
+
+    def __init__(
+        self,
+        *,
+        run: Any = None,
+        init_kwargs: dict[str, Any] | None = None,
+        prefix: str = "gradwatch",
+        layer_norms: bool = True,
+        hist_every: int | None = 500,
+        value_hist_layers: Sequence[str] = (),
+        bins: int = 64,
+        alert_every: float = 300.0,
+        amp_overflow_alerts: int = 5,
+    ) -> None:
+        if hist_every is not None and (not isinstance(hist_every, int) or hist_every < 1):
+            raise ValueError(f"hist_every={hist_every!r} must be an integer >= 1 or None")
+        if not isinstance(bins, int) or not 2 <= bins <= 512:
+            raise ValueError(f"bins={bins!r} must be an integer in [2, 512] (W&B's limit)")
+        if not alert_every >= 0:
+            raise ValueError(f"alert_every={alert_every!r} must be >= 0 seconds")
+        require_wandb()
+        self._run = run
+        self._init_kwargs = dict(init_kwargs or {})
+        self.prefix = prefix
+        self.layer_norms = layer_norms
+        self.hist_every = hist_every
+        self.value_hist_layers = tuple(value_hist_layers)
+        self.bins = bins
+        self.alert_every = alert_every
+        self.amp_overflow_alerts = amp_overflow_alerts
+        self.run: Any = None
+        self._owns_run = False
+        self._last_alert: dict[str, float] = {}
+        self._suppressed: dict[str, int] = dict.fromkeys(ALERT_KINDS, 0)
+        self._overflow_steps: deque[int] = deque()
+        self._totals = {"steps": 0, "max_norm": 0.0, "worst_z": -math.inf, "worst_layer": ""}
+        self._action_counts = dict.fromkeys(ACTIONS, 0)
+        self._event_counts = dict.fromkeys(ALERT_KINDS, 0)
+        self._alerts_sent = 0
+
+    # ------------------------------------------------------------------ Reporter
+    def start(self, monitor: GradMonitor) -> None:
+        wandb = require_wandb()
+        run = self._run if self._run is not None else wandb.run
+        if run is None:
+            run = wandb.init(**self._init_kwargs)
+            self._owns_run = True
+        self.run = run
+        p = self.prefix
+        run.define_metric(f"{p}/step")
+        run.define_metric(f"{p}/*", step_metric=f"{p}/step")
+        run.config.update({p: monitor.config.to_dict()}, allow_val_change=True)
+        unknown = [n for n in self.value_hist_layers if n not in monitor.layers.names]
+        if unknown:
+            raise ValueError(
+                f"value_hist_layers={list(self.value_hist_layers)!r}: no layer named "
+                f"{unknown[0]!r}; the monitor's layers are {list(monitor.layers.names)[:8]}"
+            )
+        if self.hist_every is not None:
+            monitor.add_probe(self._histograms, every=self.hist_every)
+
+    def report(self, monitor: GradMonitor, chunk: Chunk) -> None:
+        lay = monitor._layout
+        names = monitor.layers.names
+        p = self.prefix
+        for i, step in enumerate(chunk.steps):
+            row = chunk.rows[i]
+            s = {name: float(row[j]) for name, j in lay.step.items()}
+            action = ACTIONS[int(s["action"])]
+            self._action_counts[action] += 1
+            data: dict[str, Any] = {
+                f"{p}/step": int(step),
+                f"{p}/global_norm": s["global_norm"],
+                f"{p}/clipped_norm": s["clipped_norm"],
+                f"{p}/threshold": s["threshold"],
+                f"{p}/z": s["z"],
+                f"{p}/coef": s["coef"],
+                f"{p}/explosion": int(s["explosion"] > 0),
+                f"{p}/nonfinite": int(s["nonfinite"] > 0),
+            }
+            for a, count in self._action_counts.items():
+                data[f"{p}/actions/{a}"] = count
+            norms = row[lay.layer["grad_norm"]]
+            present = row[lay.layer["present"]] > 0
+            if self.layer_norms:
+                for j in np.flatnonzero(present):
+                    data[f"{p}/grad_norm/{names[j]}"] = float(norms[j])
+            flagged = np.flatnonzero(row[lay.layer["flagged"]] > 0)
+            z = row[lay.layer["z"]]
+            for j in flagged:
+                data[f"{p}/flagged_z/{names[j]}"] = float(z[j])
+            self._update_totals(s, z, present, names)
+            self.run.log(data)
+            hist = chunk.extras.get(int(step))
+            if hist:
+                self._log_histograms(monitor, int(step), hist)
+        for event in chunk.events:
+            self._event_counts[event["kind"]] = self._event_counts.get(event["kind"], 0) + 1
+            self._maybe_alert(event)
+        self.run.summary.update(self._summary())
+
+    def close(self, monitor: GradMonitor) -> None:
+        if self.run is None:
+            return
+        self.run.summary.update(self._summary())
+        if self._owns_run:
+            self.run.finish()
+
+    # ------------------------------------------------------------------ summary
+    def _update_totals(self, s: dict[str, float], z: np.ndarray, present: np.ndarray,
+                       names: Sequence[str]) -> None:
+        t = self._totals
+        t["steps"] += 1
+        if math.isfinite(s["global_norm"]):
+            t["max_norm"] = max(t["max_norm"], s["global_norm"])
+        if present.any():
+            j = int(np.argmax(np.where(present, z, -np.inf)))
+            if z[j] > t["worst_z"]:
+                t["worst_z"], t["worst_layer"] = float(z[j]), names[j]
+
+    def _summary(self) -> dict[str, Any]:
+        p, t = self.prefix, self._totals
+        clipped = self._action_counts["clip_norm"] + self._action_counts["clip_value"]
+        out: dict[str, Any] = {
+            f"{p}/total_steps": t["steps"],
+            f"{p}/clip_rate": clipped / t["steps"] if t["steps"] else 0.0,
+            f"{p}/skip_count": self._action_counts["skip"],
+            f"{p}/max_global_norm": t["max_norm"],
+            f"{p}/worst_layer": t["worst_layer"],
+            f"{p}/worst_z": t["worst_z"] if math.isfinite(t["worst_z"]) else 0.0,
+            f"{p}/alerts_sent": self._alerts_sent,
+        }
+        for kind, count in self._event_counts.items():
+            out[f"{p}/events/{kind}"] = count
+        for action, count in self._action_counts.items():
+            out[f"{p}/actions_total/{action}"] = count
+        return out
+
+    # ------------------------------------------------------------------ alerts
+    def _maybe_alert(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "amp_overflow":
+            self._overflow_steps.append(event["step"])
+            while self._overflow_steps and self._overflow_steps[0] <= event["step"] - 100:
+                self._overflow_steps.popleft()
+            if len(self._overflow_steps) < self.amp_overflow_alerts:
+                return
+        now = _clock()
+        last = self._last_alert.get(kind)
+        if last is not None and now - last < self.alert_every:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        wandb = require_wandb()
+        titles = {
+            "explosion": "gradient explosion",
+            "nonfinite": "NaN/Inf gradients",
+            "amp_overflow": "repeated AMP overflow",
+        }
+        layer = event["layer"] or "(model)"
+        title = f"gradwatch: {titles.get(kind, kind)} at step {event['step']}"[:63]
+        text = (
+            f"Step {event['step']}, layer {layer}, action {event['action']}.\n{event['reason']}"
+        )
+        missed = self._suppressed.get(kind, 0)
+        if missed:
+            text += f"\n({missed} more {kind} event(s) since the last alert were not alerted.)"
+        level = wandb.AlertLevel.ERROR if kind == "nonfinite" else wandb.AlertLevel.WARN
+        self.run.alert(title=title, text=text, level=level)
+        self._last_alert[kind] = now
+        self._suppressed[kind] = 0
+        self._alerts_sent += 1
+
+    # ------------------------------------------------------------------ histograms
+    def _histograms(
+        self, monitor: GradMonitor, plan: GradPlan, grads: list[Tensor], layer_max: Tensor
+    ) -> dict[str, Tensor]:
+        """On the device, without synchronising: per-layer histograms of the recent
+        log norms (the monitor's window), and value histograms of selected layers."""
+        b = self.bins
+        out: dict[str, Tensor] = {}
+        window = monitor._window.values[1:]  # (L, W) natural-log norms, NaN where absent
+        finite = torch.isfinite(window)
+        lo = torch.where(finite, window, math.inf).amin(dim=1)
+        hi = torch.where(finite, window, -math.inf).amax(dim=1)
+        width = torch.where(hi > lo, hi - lo, 1.0)
+        idx = ((window - lo[:, None]) / width[:, None] * b).floor().clamp(0, b - 1)
+        idx = torch.where(finite, idx, 0.0).long()
+        counts = torch.zeros(window.shape[0], b, device=window.device)
+        counts.scatter_add_(1, idx, finite.to(counts.dtype))
+        out["norm_counts"], out["norm_lo"], out["norm_hi"] = counts, lo, hi
+        names = monitor.layers.names
+        layer_of = [monitor.layers.param_layer[i] for i in plan.positions]
+        for name in self.value_hist_layers:
+            li = names.index(name)
+            m = layer_max[li]
+            hist = torch.zeros(b, device=layer_max.device)
+            for g, gl in zip(grads, layer_of):
+                if gl != li:
+                    continue
+                # Scale to [-1, 1] by the layer's max |g| (a device value): histc's range
+                # is then fixed, so it needs no host round trip. Non-finite values are
+                # pushed out of the range and dropped (W&B rejects them).
+                scaled = (g.detach().float() / m).nan_to_num(2.0, 2.0, 2.0)
+                hist += torch.histc(scaled, bins=b, min=-1.0, max=1.0).to(hist.device)
+            out[f"values/{name}"] = hist
+            out[f"values_max/{name}"] = m.reshape(1)
+        return out
+
+    def _log_histograms(self, monitor: GradMonitor, step: int, hist: dict[str, np.ndarray]) -> None:
+        wandb = require_wandb()
+        p = self.prefix
+        data: dict[str, Any] = {f"{p}/step": step}
+        counts, lo, hi = hist["norm_counts"], hist["norm_lo"], hist["norm_hi"]
+        for j, name in enumerate(monitor.layers.names):
+            if counts[j].sum() == 0 or not (math.isfinite(lo[j]) and math.isfinite(hi[j])):
+                continue
+            top = hi[j] if hi[j] > lo[j] else lo[j] + 1.0
+            edges = np.linspace(lo[j], top, self.bins + 1) / math.log(10)  # log10 norm
+            data[f"{p}/norm_hist/{name}"] = wandb.Histogram(
+                np_histogram=(counts[j].astype(np.int64), edges)
+            )
+        for name in self.value_hist_layers:
+            m = float(hist[f"values_max/{name}"][0])
+            values = hist[f"values/{name}"]
+            if not math.isfinite(m) or m <= 0 or values.sum() == 0:
+                continue
+            edges = np.linspace(-m, m, self.bins + 1)
+            data[f"{p}/value_hist/{name}"] = wandb.Histogram(
+                np_histogram=(values.astype(np.int64), edges)
+            )
+        if len(data) > 1:
+            self.run.log(data)

@@ -1,0 +1,194 @@
+"""W&B reporting, tested against real offline runs read back from their .wandb log."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import GradStream, mlp
+from wandb_reader import wait_for_exit
+
+import gradwatch
+
+wandb = pytest.importorskip("wandb")
+from gradwatch.wandb_reporter import WandbReporter  # noqa: E402
+pytestmark = pytest.mark.slow  # each test starts a W&B run (a few seconds)
+
+
+def _train(monitor, model, opt, steps, plan=None, host_run=None):
+    stream = GradStream(model, sigma=0.1)
+    for t in range(steps):
+        if host_run is not None:
+            host_run.log({"host/loss": float(t)})  # the host logs too, advancing _step
+        spec = (plan or {}).get(t, {})
+        stream.write(**{k: v for k, v in spec.items() if k != "nan"})
+        if spec.get("nan"):
+            model[0].weight.grad[0, 0] = float("nan")
+        monitor.step()
+        opt.step()
+
+
+def _gradwatch_rows(run):
+    return [h for h in run.history if "gradwatch/global_norm" in h]
+
+
+def test_metrics_histograms_config_and_no_lost_rows():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    host = wandb.init(project="gradwatch-tests")
+    monitor = gradwatch.attach(
+        model, opt, run_dir=False, log_every=10,
+        wandb={"hist_every": 25, "value_hist_layers": ["2"]},
+    )
+    _train(monitor, model, opt, 80, {60: {"diffuse": {"2": 100.0}}}, host_run=host)
+    monitor.detach()
+    assert wandb.run is host  # reused, not finished by gradwatch
+    host.finish()
+    run = wait_for_exit(host.settings.sync_file)
+    assert run.exited
+
+    rows = _gradwatch_rows(run)
+    assert [r["gradwatch/step"] for r in rows] == list(range(80))  # nothing dropped
+    assert sum("host/loss" in h for h in run.history) == 80
+    steps = monitor.steps()
+    hist = monitor.history()
+    for r in rows:
+        s = r["gradwatch/step"]
+        assert r["gradwatch/global_norm"] == pytest.approx(steps.global_norm[s], rel=1e-6)
+        assert r["gradwatch/clipped_norm"] == pytest.approx(steps.clipped_norm[s], rel=1e-6)
+        for layer in ("0", "2", "4"):
+            expected = hist.query("step == @s and layer == @layer").grad_norm.item()
+            assert r[f"gradwatch/grad_norm/{layer}"] == pytest.approx(expected, rel=1e-6)
+    assert rows[60]["gradwatch/actions/clip_norm"] >= 1
+    assert rows[60]["gradwatch/flagged_z/2"] == pytest.approx(
+        hist.query("step == 60 and layer == '2'").z.item(), rel=1e-6
+    )
+    # Our step metric is declared, so gradwatch/* charts use gradwatch/step.
+    declared = {(m.glob_name or m.name, m.step_metric) for m in run.metrics}
+    assert ("gradwatch/*", "gradwatch/step") in declared
+    assert run.config["gradwatch"]["clip"] == "auto"
+
+    # Histograms at steps 0, 25, 50, 75: value counts cover every element of layer 2,
+    # norm histograms cover the finite values in the monitor's window.
+    hist_rows = [h for h in run.history if "gradwatch/value_hist/2/values" in h]
+    assert [h["gradwatch/step"] for h in hist_rows] == [0, 25, 50, 75]
+    numel = sum(p.numel() for p in model[2].parameters())
+    for h in hist_rows:
+        assert sum(h["gradwatch/value_hist/2/values"]) == numel
+        bins = h["gradwatch/value_hist/2/bins"]
+        assert len(bins) == 65 and bins[0] == pytest.approx(-bins[-1])
+    # (the window holds the steps before the histogram's step: none yet at step 0)
+    norm_rows = [h for h in run.history if "gradwatch/norm_hist/0/values" in h]
+    assert [h["gradwatch/step"] for h in norm_rows] == [25, 50, 75]
+    assert [sum(h["gradwatch/norm_hist/0/values"]) for h in norm_rows] == [25, 50, 75]
+
+    summary = run.summary
+    assert summary["gradwatch/total_steps"] == 80
+    assert summary["gradwatch/events/explosion"] == 1
+    assert summary["gradwatch/worst_layer"] == "2"
+    assert summary["gradwatch/max_global_norm"] == pytest.approx(steps.global_norm.max(), rel=1e-6)
+    assert summary["gradwatch/clip_rate"] == pytest.approx(
+        (steps.action != "none").mean(), rel=1e-6
+    )
+
+
+def test_alerts_are_readable_and_rate_limited():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    spikes = {t: {"diffuse": {"2": 100.0}} for t in (40, 45, 50, 55)}
+    spikes[60] = {"nan": True}
+    spikes[65] = {"nan": True}
+    reporter = WandbReporter(hist_every=None, alert_every=3600.0,
+                             init_kwargs={"project": "gradwatch-tests"})
+    monitor = gradwatch.attach(model, opt, run_dir=False, log_every=10, wandb=reporter)
+    _train(monitor, model, opt, 80, spikes)
+    monitor.detach()  # gradwatch started this run, so it finishes it
+    run = wait_for_exit(reporter.run.settings.sync_file)
+    assert [a["title"] for a in run.alerts] == [
+        "gradwatch: gradient explosion at step 40",
+        "gradwatch: NaN/Inf gradients at step 60",
+    ]
+    explosion, nonfinite = run.alerts
+    assert all(len(a["title"]) < 64 for a in run.alerts)
+    assert "layer 2" in explosion["text"] and "clip_norm" in explosion["text"]
+    assert explosion["level"] == "WARN" and nonfinite["level"] == "ERROR"
+    assert "layer 0" in nonfinite["text"] and "skip" in nonfinite["text"]
+    assert run.summary["gradwatch/events/explosion"] == 4
+    assert run.summary["gradwatch/alerts_sent"] == 2
+    # Non-finite values reach the history as NaN, without breaking the run.
+    assert math.isnan(_gradwatch_rows(run)[60]["gradwatch/global_norm"])
+
+
+def test_suppressed_alerts_are_counted_into_the_next_one(monkeypatch):
+    import gradwatch.wandb_reporter as wr
+
+    clock = iter(range(0, 10_000, 100))  # each alert check is 100 s later
+    monkeypatch.setattr(wr, "_clock", lambda: float(next(clock)))
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    spikes = {t: {"diffuse": {"2": 100.0}} for t in (40, 42, 44, 46, 48)}
+    reporter = WandbReporter(hist_every=None, alert_every=250.0,
+                             init_kwargs={"project": "gradwatch-tests"})
+    monitor = gradwatch.attach(model, opt, run_dir=False, log_every=10, wandb=reporter)
+    _train(monitor, model, opt, 60, spikes)
+    monitor.detach()
+    run = wait_for_exit(reporter.run.settings.sync_file)
+    # Checks at t=0, 100, 200, 300, 400 s: alerts at 0 and 300; the two in between
+    # are counted into the second one.
+    assert [a["title"][-2:] for a in run.alerts] == ["40", "46"]
+    assert "2 more explosion event(s) since the last alert" in run.alerts[1]["text"]
+
+
+def test_failing_wandb_warns_once_and_training_continues(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    host = wandb.init(project="gradwatch-tests")
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=10,
+                               flush_every=10, wandb={"hist_every": None})
+    host.finish()  # W&B goes away under the reporter: every call now raises
+    with pytest.warns(UserWarning, match=r"WandbReporter.report failed") as caught:
+        _train(monitor, model, opt, 40)
+    assert sum("WandbReporter" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.detach()
+    from gradwatch.run_record import load_run
+
+    assert len(load_run(tmp_path / "run").steps) == 40  # the local record is unaffected
+
+
+def test_bad_options_fail_at_construction():
+    with pytest.raises(ValueError, match=r"bins=1000 must be an integer in \[2, 512\]"):
+        WandbReporter(bins=1000)
+    with pytest.raises(ValueError, match=r"hist_every=0 must be an integer >= 1 or None"):
+        WandbReporter(hist_every=0)
+    reporter = WandbReporter(value_hist_layers=["nope"], run=wandb.init(project="gradwatch-tests"))
+    with pytest.raises(ValueError, match=r"no layer named 'nope'"):
+        gradwatch.attach(mlp(), run_dir=False, reporters=[reporter])
+    wandb.finish()
+
+
+def test_np_histogram_is_valid_for_wandb():
+    # The probe's output converts to wandb.Histogram without NaN/Inf complaints even
+    # when a layer's window is empty or its gradients are non-finite.
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), fused=True)
+    reporter = WandbReporter(hist_every=1, value_hist_layers=["0"],
+                             init_kwargs={"project": "gradwatch-tests"})
+    monitor = gradwatch.attach(model, opt, run_dir=False, log_every=5, wandb=reporter)
+    _train(monitor, model, opt, 10, {0: {"nan": True}, 3: {"nan": True}})
+    monitor.detach()
+    run = wait_for_exit(reporter.run.settings.sync_file)
+    values = [h["gradwatch/value_hist/0/values"] for h in run.history
+              if "gradwatch/value_hist/0/values" in h]
+    numel = sum(p.numel() for p in model[0].parameters())
+    assert len(values) >= 8 and all(np.isfinite(v).all() for v in values)
+    assert all(sum(v) <= numel for v in values)
