@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class Block(nn.Module):
@@ -79,3 +80,38 @@ class GradStream:
                 grad.view(-1)[0] = spike[name]
             p.grad = grad.to(dtype or p.dtype)
         self.step += 1
+
+
+aten = torch.ops.aten
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS:
+            self.syncs.append(str(func))
+        elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+            # Boolean-mask indexing needs the mask's true count on the host.
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                self.syncs.append(f"{func} with a boolean mask")
+        elif func in (aten._to_copy.default, aten.copy_.default):
+            src = args[1] if func is aten.copy_.default else args[0]
+            dst = args[0].device if func is aten.copy_.default else kwargs.get("device")
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and (
+                dst is not None and torch.device(dst).type == "cpu"
+            ):
+                self.syncs.append(f"{func} device->host")
+        return func(*args, **(kwargs or {}))

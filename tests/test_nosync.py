@@ -10,44 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GradStream, mlp
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import GradStream, SyncCounter, mlp
 
 import gradwatch
-
-aten = torch.ops.aten
-SYNC_OPS = {
-    aten._local_scalar_dense.default,
-    aten.nonzero.default,
-    aten.masked_select.default,
-    aten.equal.default,
-    aten.is_nonzero.default,
-    aten._unique2.default,
-    aten.unique_consecutive.default,
-}
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in SYNC_OPS:
-            self.syncs.append(str(func))
-        elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
-            # Boolean-mask indexing needs the mask's true count on the host.
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-                self.syncs.append(f"{func} with a boolean mask")
-        elif func in (aten._to_copy.default, aten.copy_.default):
-            src = args[1] if func is aten.copy_.default else args[0]
-            dst = args[0].device if func is aten.copy_.default else kwargs.get("device")
-            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and (
-                dst is not None and torch.device(dst).type == "cpu"
-            ):
-                self.syncs.append(f"{func} device->host")
-        return func(*args, **(kwargs or {}))
 
 
 def test_counter_sees_syncs():

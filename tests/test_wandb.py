@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import GradStream, mlp
+from helpers import GradStream, SyncCounter, mlp
 from wandb_reader import wait_for_exit
 
 import gradwatch
@@ -192,3 +192,23 @@ def test_np_histogram_is_valid_for_wandb():
     numel = sum(p.numel() for p in model[0].parameters())
     assert len(values) >= 8 and all(np.isfinite(v).all() for v in values)
     assert all(sum(v) <= numel for v in values)
+
+
+def test_histogram_steps_stay_sync_free():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), fused=True)
+    reporter = WandbReporter(hist_every=1, value_hist_layers=["0", "4"],
+                             init_kwargs={"project": "gradwatch-tests"})
+    monitor = gradwatch.attach(model, opt, run_dir=False, log_every=10, wandb=reporter)
+    stream = GradStream(model)
+    for t in range(30):
+        stream.write()
+        with SyncCounter() as counter:
+            monitor.step()  # a histogram probe runs at every one of these steps
+        if (t + 1) % 10:
+            assert counter.syncs == [], f"step {t}: {counter.syncs}"
+        opt.step()
+    monitor.detach()
+    run = wait_for_exit(reporter.run.settings.sync_file)
+    assert sum("gradwatch/value_hist/4/values" in h for h in run.history) == 30
