@@ -59,7 +59,6 @@ STATE_VERSION = 1
 _live_monitors: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_live_monitors() -> None:
     for monitor in list(_live_monitors):
         try:
@@ -268,6 +267,10 @@ class GradMonitor:
         for reporter in reporters:
             self.add_reporter(reporter)
         _live_monitors.add(self)
+        # atexit runs the last-registered hook first: re-registering at every attach
+        # puts our flush before the exit hooks of what the reporters started (W&B's).
+        atexit.unregister(_close_live_monitors)
+        atexit.register(_close_live_monitors)
         self._gate = self._make_gate()
         self._record.skip_how = self._skip_description()
         self._attached = True

@@ -168,7 +168,8 @@ class WandbReporter:
         self.run.summary.update(self._summary())
 
     def close(self, monitor: GradMonitor) -> None:
-        if self.run is None:
+        # At interpreter exit W&B's own atexit hook may have finished the run already.
+        if self.run is None or getattr(self.run, "_is_finished", False):
             return
         self.run.summary.update(self._summary())
         if self._owns_run:
