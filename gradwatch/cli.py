@@ -1,8 +1,11 @@
 """The ``gradwatch`` command line.
 
 ``gradwatch config --set clip=norm --set max_norm=1.0`` validates monitor options and
-prints the effective configuration as JSON. Errors are one line on stderr and a
-non-zero exit, never a traceback.
+prints the effective configuration as JSON. ``gradwatch report RUN_DIR`` writes the
+HTML report of a recorded run (or its tables, ``--format csv|parquet``), and
+``gradwatch summary RUN_DIR`` prints a plain-text summary. Errors (a missing,
+truncated or foreign run directory included) are one line on stderr and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +38,24 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import export_report
+
+    out = args.output or ("report.html" if args.format == "html" else f"report-{args.format}")
+    path = export_report(args.run_dir, out, format=args.format)
+    print(f"wrote {path}")
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from .report import read_run, summary_text
+
+    if args.top < 1:
+        raise ValueError(f"--top {args.top} must be at least 1")
+    print(summary_text(read_run(args.run_dir), source=args.run_dir, top=args.top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
@@ -56,6 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="a MonitorConfig field, e.g. clip=zscore or z_threshold=5 (repeatable)",
     )
     cfg.set_defaults(func=_config)
+    rep = sub.add_parser(
+        "report",
+        help="write the report of a recorded run (HTML, or its tables as CSV/Parquet)",
+        description="Write a self-contained HTML report of a run directory (plots, "
+        "anomalous layers, events, advice), or its steps/layers/events tables.",
+    )
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (has meta.json)")
+    rep.add_argument(
+        "-o", "--output", metavar="PATH",
+        help="the HTML file, or the directory for csv/parquet tables (default: "
+        "report.html, report-csv/ or report-parquet/)",
+    )
+    rep.add_argument("--format", choices=("html", "csv", "parquet"), default="html",
+                     help="html (default), or the three tables as csv or parquet files")
+    rep.set_defaults(func=_report)
+    summ = sub.add_parser(
+        "summary",
+        help="print a plain-text summary of a recorded run",
+        description="Print a run's status, steps, clip rate, events by kind and its "
+        "worst layers by max z-score.",
+    )
+    summ.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (has meta.json)")
+    summ.add_argument("--top", type=int, default=10, metavar="N",
+                      help="how many layers to list (default 10)")
+    summ.set_defaults(func=_summary)
     return parser
 
 
@@ -67,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
-        print(f"gradwatch {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        # RunDirError is a ValueError; OSError: the output cannot be written.
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"gradwatch {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
