@@ -5,15 +5,22 @@ learning rate that is too high for the raw 0-16 pixel inputs. Each seed is train
 twice on exactly the same batches: once plainly, once with ``gradwatch.attach`` in its
 default ``auto`` mode. The script prints both outcomes and what the monitor caught.
 
-Run:  python examples/quickstart.py            (about 20 s on 2 CPU cores)
+Each monitored run is recorded to ``<out>/runs/seed<N>`` and logged to an offline W&B
+run (``WANDB_MODE=offline`` unless you set it; ``--no-wandb`` to skip), and the
+diagnostic report of the busiest run is written to ``<out>/report.html``.
+
+Run:  python examples/quickstart.py            (about 30 s on 2 CPU cores)
       python examples/quickstart.py --seeds 1 --steps 300
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,14 +41,19 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     return x[train], y[train], x[test], y[test]
 
 
-def train(data, *, seed: int, steps: int, lr: float, monitor: bool) -> dict:
+def train(data, *, seed: int, steps: int, lr: float, monitor: bool,
+          run_dir: Path | None = None, use_wandb: bool = False) -> dict:
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    gw = gradwatch.attach(model, optimizer) if monitor else None
+    gw = None
+    if monitor:
+        wandb = {"init_kwargs": {"project": "gradwatch-quickstart", "name": f"seed{seed}",
+                                 "config": {"lr": lr, "seed": seed}}} if use_wandb else False
+        gw = gradwatch.attach(model, optimizer, run_dir=run_dir or False, wandb=wandb)
     batches = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -54,6 +66,8 @@ def train(data, *, seed: int, steps: int, lr: float, monitor: bool) -> dict:
         optimizer.step()
         losses.append(loss.detach())
     losses_host = torch.stack(losses).tolist()  # one transfer, after training
+    if gw is not None:
+        gw.detach()  # flush the record to disk, finish the W&B run
     with torch.no_grad():
         logits = model(x_test)
         test_loss = nn.functional.cross_entropy(logits, y_test).item()
@@ -80,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=4, help="number of seeds (default 4)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (too high)")
+    parser.add_argument("--out", type=Path, default=Path("gradwatch_quickstart"),
+                        help="where run records and the report go (default gradwatch_quickstart)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
     args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")  # works with no account
+    os.environ.setdefault("WANDB_SILENT", "true")
+    use_wandb = not args.no_wandb and importlib.util.find_spec("wandb") is not None
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     data = load_data()
@@ -91,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     busiest = None  # the gradwatch run with the most events, shown at the end
     for seed in range(args.seeds):
         plain = train(data, seed=seed, steps=args.steps, lr=args.lr, monitor=False)
-        watched = train(data, seed=seed, steps=args.steps, lr=args.lr, monitor=True)
+        watched = train(data, seed=seed, steps=args.steps, lr=args.lr, monitor=True,
+                        run_dir=args.out / "runs" / f"seed{seed}", use_wandb=use_wandb)
         acc_plain.append(plain["accuracy"])
         acc_gw.append(watched["accuracy"])
         div_plain += plain["diverged"]
@@ -124,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     for row in clipped.head(10).itertuples():
         print(f"  step {row.step:4d} {row.action:10s} norm {row.global_norm:8.3g} -> "
               f"{row.clipped_norm:8.3g} (typical {row.typical_norm:.3g}, z={row.z:+.1f})")
+    from gradwatch.report import export_report
+
+    report = export_report(monitor.run_dir, args.out / "report.html")
+    print(f"\nRun records: {args.out / 'runs'}  (one per seed; read them with "
+          "gradwatch.report.load_run)")
+    print(f"Report of seed {seed}: {report}  (rebuild it with: gradwatch report "
+          f"{monitor.run_dir} -o report.html)")
+    if use_wandb:
+        print(f"W&B: offline runs in ./wandb (upload with: wandb sync wandb/offline-run-*)")
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     return 0
 
