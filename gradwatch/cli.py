@@ -22,7 +22,7 @@ from .config import MonitorConfig
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
         return text  # a bare word such as auto or module
 
 
@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, ImportError) as err:
-        # RunDirError is a ValueError; OSError: the output cannot be written.
-        message = " ".join(str(err).split())  # one line, whatever the message holds
+    except Exception as err:  # noqa: BLE001 - the command line never shows a traceback
+        # RunDirError is a ValueError; OSError: the output cannot be written; anything
+        # else is a file we could not make sense of.
+        message = " ".join(str(err).split())[:500] or type(err).__name__
         print(f"gradwatch {args.command}: error: {message}", file=sys.stderr)
         return 2
 

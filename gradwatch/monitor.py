@@ -26,7 +26,6 @@ import difflib
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Any
@@ -54,9 +53,10 @@ from .stats import EmaStats, RecentWindow
 
 STATE_VERSION = 1
 
-# Monitors still attached at interpreter exit are flushed and their reporters closed,
-# so the run record on disk holds every step.
-_live_monitors: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
+# Monitors with reporters are held until detach() and flushed at interpreter exit, so
+# the run record holds every step even when the monitor itself went out of scope (a
+# training function that returned, a notebook cell run again).
+_live_monitors: set[GradMonitor] = set()
 
 
 def _close_live_monitors() -> None:
@@ -264,13 +264,18 @@ class GradMonitor:
         self._probes: list[Probe] = []
         self._extras: dict[int, dict[str, Tensor]] = {}
         self._reporters = ReporterSet()
-        for reporter in reporters:
-            self.add_reporter(reporter)
-        _live_monitors.add(self)
-        # atexit runs the last-registered hook first: re-registering at every attach
-        # puts our flush before the exit hooks of what the reporters started (W&B's).
-        atexit.unregister(_close_live_monitors)
-        atexit.register(_close_live_monitors)
+        try:
+            for reporter in reporters:
+                self.add_reporter(reporter)
+        except BaseException:
+            # A reporter that cannot start is a configuration error: undo the others
+            # (no half-made run left behind) and the optimizer wrapper, then raise.
+            self._reporters.call("close", self)
+            _live_monitors.discard(self)
+            if getattr(self, "_gate", None) is not None:
+                self._gate.remove()
+            raise
+
         self._gate = self._make_gate()
         self._record.skip_how = self._skip_description()
         self._attached = True
@@ -412,9 +417,18 @@ class GradMonitor:
 
         # Values a reporter asked for at this step (e.g. gradient value histograms),
         # computed on the device from the pre-clip gradients and held until the flush.
-        for probe in self._probes:
+        for probe in list(self._probes):
             if self._step % probe.every == 0:
-                out = probe.fn(self, plan, grads, layer_max)
+                try:
+                    out = probe.fn(self, plan, grads, layer_max)
+                except Exception as err:  # noqa: BLE001 - reporting must never stop training
+                    self._probes.remove(probe)
+                    warnings.warn(
+                        f"gradwatch: a reporter's device probe failed ({type(err).__name__}: "
+                        f"{err}); it is switched off and training continues",
+                        stacklevel=3,
+                    )
+                    continue
                 self._extras.setdefault(self._step, {}).update(out)
 
         # 3. Decide and clip. Decisions are tensors, applied unconditionally.
@@ -661,6 +675,7 @@ class GradMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the model must have the same layers."""
+        self.flush()  # rows already measured belong to the steps before the restore
         if not isinstance(state, dict) or "version" not in state:
             raise ValueError(
                 "not a gradwatch monitor state: expected the dict returned by "
@@ -706,9 +721,17 @@ class GradMonitor:
         self._pending = 0
         self._step = int(state["step"])
         self._record.events = [dict(e) for e in state.get("events", [])]
+        for reporter in self._reporters.reporters:
+            resumed = getattr(reporter, "resumed", None)
+            if resumed is not None:
+                resumed(self)
 
     def detach(self) -> None:
-        """Flush records and release the optimizer; ``step()`` may not be called after."""
+        """Flush records, close the reporters and release the optimizer and the model.
+
+        ``step()`` may not be called after. A monitor with reporters (the run record,
+        W&B) is otherwise kept alive until interpreter exit, where it is flushed.
+        """
         if not self._attached:
             return
         self.flush()
@@ -739,6 +762,11 @@ class GradMonitor:
         """
         reporter.start(self)
         self._reporters.reporters.append(reporter)
+        _live_monitors.add(self)
+        # atexit runs the last-registered hook first: re-registering after every start
+        # puts our flush before the exit hooks of what the reporters started (W&B's).
+        atexit.unregister(_close_live_monitors)
+        atexit.register(_close_live_monitors)
 
     @property
     def run_dir(self) -> str | None:

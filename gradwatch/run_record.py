@@ -82,7 +82,8 @@ class RunRecorder:
     def __init__(self, run_dir: str | os.PathLike[str], flush_every: int = 200) -> None:
         if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
             raise ValueError(f"flush_every={flush_every!r} must be an integer >= 1")
-        self.run_dir = Path(run_dir)
+        # Absolute: the process may change directory before the last write at exit.
+        self.run_dir = Path(run_dir).absolute()
         self.flush_every = flush_every
         self.session = f"{time.time_ns():020d}"
         self._chunks: list[Chunk] = []
@@ -115,11 +116,19 @@ class RunRecorder:
                 "sessions": [],
             }
         meta["sessions"].append({"id": self.session, "first_step": monitor.num_steps,
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 "config": monitor.config.to_dict()})
         meta["status"] = "running"
         meta["last_step"] = monitor.num_steps - 1
         self._meta = meta
         _write_json_atomic(meta_path, meta)
+
+    def resumed(self, monitor: GradMonitor) -> None:
+        """The monitor was restored from a checkpoint: this session starts at its step,
+        and on load its records replace anything recorded from that step on."""
+        self._meta["sessions"][-1]["first_step"] = monitor.num_steps
+        self._meta["last_step"] = monitor.num_steps - 1
+        _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
     def report(self, monitor: GradMonitor, chunk: Chunk) -> None:
         self._chunks.append(chunk)
@@ -136,7 +145,7 @@ class RunRecorder:
     def _write(self, monitor: GradMonitor) -> None:
         if not self._chunks:
             return
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        chunks = self._chunks
         steps = np.concatenate([c.steps for c in chunks])
         rows = np.concatenate([c.rows for c in chunks])
         events = [e for c in chunks for e in c.events]
@@ -152,6 +161,8 @@ class RunRecorder:
             tmp = path.with_name(path.name + ".tmp")
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, path)
+        # Only now: a write that failed (disk full) keeps its records for the next try.
+        self._chunks, self._buffered = [], 0
         self._meta["last_step"] = int(steps[-1])
         _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
@@ -177,8 +188,11 @@ def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise RunDirError(f"{run_dir}: not a gradwatch run directory (no meta.json)")
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path}: truncated or not JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        detail = getattr(err, "msg", type(err).__name__)
+        raise RunDirError(f"{path}: truncated or not JSON ({detail})") from None
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot be read ({err.strerror})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RunDirError(f"{path}: not a gradwatch run (format is not {FORMAT!r})")
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
@@ -186,9 +200,11 @@ def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: run format version {meta.get('format_version')!r} is newer than this "
             f"gradwatch reads ({FORMAT_VERSION}); upgrade gradwatch"
         )
-    for key in ("layers", "config", "sessions"):
-        if key not in meta:
-            raise RunDirError(f"{path}: incomplete metadata (no {key!r})")
+    for key, kind in (("layers", list), ("config", dict), ("sessions", list)):
+        if not isinstance(meta.get(key), kind):
+            raise RunDirError(f"{path}: incomplete metadata ({key!r} missing or malformed)")
+    if not all(isinstance(rec, dict) and "layer" in rec for rec in meta["layers"]):
+        raise RunDirError(f"{path}: incomplete metadata ('layers' malformed)")
     return meta
 
 
@@ -207,15 +223,29 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
 
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    order = {s["id"]: i for i, s in enumerate(meta["sessions"])}
+    # A part is complete once its steps file exists (it is written last).
+    complete = {p.name for p in (run_dir / "steps").glob("part-*.parquet")}
+    firsts = _session_first_steps(meta, complete)
     keys = {"steps": ["step"], "layers": ["step", "layer"], "events": ["step", "kind"]}
     tables = {}
     for table in TABLES:
-        parts = sorted((run_dir / table).glob("part-*.parquet"), key=lambda p: _part_key(p, order))
-        frames = [_read_part(p) for p in parts]
+        parts = sorted(
+            (p for p in (run_dir / table).glob("part-*.parquet") if p.name in complete),
+            key=_part_key,
+        )
+        frames = []
+        for part in parts:
+            frame = _read_part(part)
+            # A later session (a resume from a checkpoint) re-records from its first
+            # step: this session's rows from there on are superseded.
+            cutoff = min((f for sid, f in firsts.items() if sid > _part_key(part)[0]),
+                         default=None)
+            if cutoff is not None:
+                frame = frame[frame["step"] < cutoff]
+            frames.append(frame)
+        frames = [f for f in frames if len(f)]
         if frames:
             df = pd.concat(frames, ignore_index=True)
-            # A resumed session re-records the steps after its checkpoint: keep the latest.
             df = df.drop_duplicates(subset=keys[table], keep="last")
             df = df.sort_values(keys[table], kind="stable").reset_index(drop=True)
         else:
@@ -228,10 +258,24 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
                    events=tables["events"])
 
 
-def _part_key(path: Path, order: dict[str, int]) -> tuple[int, int]:
-    parts = path.stem.split("-")  # part, session, first step
+def _session_first_steps(meta: dict[str, Any], parts: set[str]) -> dict[str, int]:
+    """First step of every session: from meta.json, else from its earliest part."""
+    firsts: dict[str, int] = {}
+    for name in parts:
+        sid, first = _part_key(Path(name))
+        firsts[sid] = min(first, firsts.get(sid, first))
+    for session in meta["sessions"]:
+        if isinstance(session, dict) and isinstance(session.get("first_step"), int):
+            firsts[str(session.get("id"))] = session["first_step"]
+    return firsts
+
+
+def _part_key(path: Path) -> tuple[str, int]:
+    """(session id, first step) from ``part-<session>-<first>.parquet``; session ids are
+    zero-padded nanosecond clocks, so they sort in the order the sessions started."""
+    parts = path.stem.split("-")
     try:
-        return order.get(parts[1], len(order)), int(parts[2])
+        return parts[1], int(parts[2])
     except (IndexError, ValueError):
         raise RunDirError(f"{path}: not a gradwatch part (unexpected file name)") from None
 

@@ -109,6 +109,12 @@ class WandbReporter:
     # ------------------------------------------------------------------ Reporter
     def start(self, monitor: GradMonitor) -> None:
         wandb = require_wandb()
+        unknown = [n for n in self.value_hist_layers if n not in monitor.layers.names]
+        if unknown:  # before any run is started, so a bad option leaves nothing open
+            raise ValueError(
+                f"value_hist_layers={list(self.value_hist_layers)!r}: no layer named "
+                f"{unknown[0]!r}; the monitor's layers are {list(monitor.layers.names)[:8]}"
+            )
         run = self._run if self._run is not None else wandb.run
         if run is None:
             run = wandb.init(**self._init_kwargs)
@@ -118,12 +124,6 @@ class WandbReporter:
         run.define_metric(f"{p}/step")
         run.define_metric(f"{p}/*", step_metric=f"{p}/step")
         run.config.update({p: monitor.config.to_dict()}, allow_val_change=True)
-        unknown = [n for n in self.value_hist_layers if n not in monitor.layers.names]
-        if unknown:
-            raise ValueError(
-                f"value_hist_layers={list(self.value_hist_layers)!r}: no layer named "
-                f"{unknown[0]!r}; the monitor's layers are {list(monitor.layers.names)[:8]}"
-            )
         if self.hist_every is not None:
             monitor.add_probe(self._histograms, every=self.hist_every)
 

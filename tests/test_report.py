@@ -559,3 +559,23 @@ def test_renders_in_a_headless_browser(runs, tmp_path):
     # The embedded plots decoded and drew: thousands of distinct colours (heatmap,
     # violins), not a blank or text-only page.
     assert len(colours) > 2000
+
+
+def test_cli_never_shows_a_traceback_on_malformed_meta(runs, tmp_path):
+    import json
+    import shutil as _shutil
+
+    from gradwatch.cli import main
+
+    bad = tmp_path / "bad"
+    _shutil.copytree(runs("healthy"), bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["config"] = None
+    (bad / "meta.json").write_text(json.dumps(meta))
+    for command in ("summary", "report"):
+        proc = subprocess.run([sys.executable, "-m", "gradwatch", command, str(bad)],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    (bad / "meta.json").write_text("[" * 100_000)
+    assert main(["summary", str(bad)]) == 2

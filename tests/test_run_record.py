@@ -76,7 +76,8 @@ def test_default_run_dir_is_new_each_time():
     first = gradwatch.attach(mlp())
     second = gradwatch.attach(mlp())
     assert first.run_dir != second.run_dir
-    assert os.path.dirname(first.run_dir) == "gradwatch_runs"
+    assert os.path.basename(os.path.dirname(first.run_dir)) == "gradwatch_runs"
+    assert os.path.isabs(first.run_dir)
     assert gradwatch.attach(mlp(), run_dir=False).run_dir is None
 
 
@@ -206,3 +207,115 @@ def test_failing_reporter_warns_once_and_training_continues(tmp_path):
         warnings.simplefilter("error")
         monitor.detach()  # close fails again: already warned, stays quiet
     assert len(load_run(tmp_path / "run").steps) == 30  # the record is unaffected
+
+
+GC_RUN = textwrap.dedent(
+    """
+    import gc, sys, torch
+    sys.path.insert(0, {tests!r})
+    import gradwatch
+    from helpers import GradStream, mlp
+
+    def train():  # the monitor goes out of scope without detach()
+        model = mlp()
+        monitor = gradwatch.attach(model, run_dir={run!r}, log_every=10, flush_every=100)
+        stream = GradStream(model)
+        for _ in range(255):
+            stream.write()
+            monitor.step()
+
+    train()
+    gc.collect()
+    """
+)
+
+
+def test_monitor_dropped_without_detach_is_flushed_at_exit(tmp_path):
+    run = tmp_path / "run"
+    script = GC_RUN.format(tests=os.path.join(ROOT, "tests"), run=str(run))
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    data = load_run(run)
+    assert list(data.steps.step) == list(range(255))
+    assert data.meta["status"] == "finished"
+
+
+def test_resume_drops_what_the_abandoned_run_recorded_after_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    options = dict(run_dir=tmp_path / "run", log_every=10, flush_every=10)
+    first = gradwatch.attach(model, opt, **options)
+    _train(first, model, opt, 50)
+    state = first.state_dict()
+    stream = GradStream(model)
+    stream.step = 50
+    for t in range(50, 80):  # NaN at 60 and 61, then the process dies at 80
+        stream.write()
+        if t in (60, 61):
+            model[0].weight.grad[0, 0] = float("nan")
+        first.step()
+    first._gate.remove()
+    assert {60, 61} <= set(load_run(tmp_path / "run").events.step)
+
+    second = gradwatch.attach(model, opt, **options)
+    second.load_state_dict(state)
+    _train(second, model, opt, 15, start=50)  # resumed, healthy; steps 50-59 on disk
+    run = load_run(tmp_path / "run")
+    # Nothing of the abandoned session from step 50 on, even where the resumed one
+    # has not written its own records yet.
+    assert list(run.steps.step) == list(range(60))
+    assert 60 not in set(run.events.step) and 61 not in set(run.events.step)
+    assert run.meta["sessions"][-1]["first_step"] == 50
+
+
+def test_failed_write_is_retried(tmp_path, monkeypatch):
+    import pandas as pd
+
+    real = pd.DataFrame.to_parquet
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", flaky)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=10, flush_every=10)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        _train(monitor, model, opt, 40)
+    monitor.detach()
+    run = load_run(tmp_path / "run")
+    assert list(run.steps.step) == list(range(40))
+    assert sorted(set(run.layers.step)) == list(range(40))
+
+
+def test_failing_probe_is_switched_off_and_training_continues(tmp_path):
+    model = mlp()
+    monitor = gradwatch.attach(model, run_dir=False)
+
+    def probe(monitor, plan, grads, layer_max):
+        raise RuntimeError("histc is not deterministic")
+
+    monitor.add_probe(probe, every=2)
+    stream = GradStream(model)
+    with pytest.warns(UserWarning, match="device probe failed .*switched off"):
+        for _ in range(6):
+            stream.write()
+            monitor.step()
+    assert len(monitor.steps()) == 6
+
+
+def test_reporter_that_cannot_start_leaves_no_half_made_run(tmp_path):
+    class Broken:
+        def start(self, monitor):
+            raise ValueError("bad option")
+
+    opt_model = mlp()
+    opt = torch.optim.SGD(opt_model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="bad option"):
+        gradwatch.attach(opt_model, opt, run_dir=tmp_path / "run", reporters=[Broken()])
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["status"] == "finished"
+    assert "step" not in opt.__dict__

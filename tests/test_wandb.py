@@ -169,10 +169,11 @@ def test_bad_options_fail_at_construction():
         WandbReporter(bins=1000)
     with pytest.raises(ValueError, match=r"hist_every=0 must be an integer >= 1 or None"):
         WandbReporter(hist_every=0)
-    reporter = WandbReporter(value_hist_layers=["nope"], run=wandb.init(project="gradwatch-tests"))
+    reporter = WandbReporter(value_hist_layers=["nope"],
+                             init_kwargs={"project": "gradwatch-tests"})
     with pytest.raises(ValueError, match=r"no layer named 'nope'"):
         gradwatch.attach(mlp(), run_dir=False, reporters=[reporter])
-    wandb.finish()
+    assert wandb.run is None  # checked before any run was started
 
 
 def test_np_histogram_is_valid_for_wandb():
