@@ -7,6 +7,7 @@ training starts, with a message that names the field, the value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -274,3 +275,29 @@ def _in_range(
 def _integer(name: str, value: Any, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def resolve_config(config: MonitorConfig | None, overrides: dict[str, Any]) -> MonitorConfig:
+    """``config`` (default ``MonitorConfig()``) with ``overrides`` applied and validated.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`MonitorConfig`.
+        ValueError: an override is not a field (with a suggestion) or its value is invalid.
+    """
+    if config is not None and not isinstance(config, MonitorConfig):
+        raise TypeError(
+            f"config={type(config).__name__} is not a gradwatch.MonitorConfig; build one "
+            "with gradwatch.MonitorConfig(...) or pass options as keywords"
+        )
+    if not overrides:
+        return config or MonitorConfig()
+    fields = {f.name for f in dataclasses.fields(MonitorConfig)}
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{key}={overrides[key]!r} is not a gradwatch option{hint}; valid options "
+                f"are the fields of MonitorConfig: {', '.join(sorted(fields))}"
+            )
+    return dataclasses.replace(config or MonitorConfig(), **overrides)

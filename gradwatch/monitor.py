@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import difflib
 import math
 import os
 import warnings
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .config import MonitorConfig
+from .config import MonitorConfig, resolve_config
 from .layers import GradPlan, LayerTable
 from .records import (
     ACTIONS,
@@ -822,22 +821,7 @@ def attach(
     Raises:
         ValueError: an option is unknown or invalid (the message names it and the fix).
     """
-    if config is not None and not isinstance(config, MonitorConfig):
-        raise TypeError(
-            f"config={type(config).__name__} is not a gradwatch.MonitorConfig; build one "
-            "with gradwatch.MonitorConfig(...) or pass options as keywords"
-        )
-    if overrides:
-        fields = {f.name for f in dataclasses.fields(MonitorConfig)}
-        for key in overrides:
-            if key not in fields:
-                close = difflib.get_close_matches(key, sorted(fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
-                    f"{key}={overrides[key]!r} is not a gradwatch option{hint}; valid options "
-                    f"are the fields of MonitorConfig: {', '.join(sorted(fields))}"
-                )
-        config = dataclasses.replace(config or MonitorConfig(), **overrides)
+    config = resolve_config(config, overrides)
     all_reporters = list(reporters)
     if run_dir:
         from .run_record import RunRecorder, default_run_dir

@@ -56,6 +56,14 @@ class OptimizerGate:
         gate = self
 
         def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            closure = kwargs.get("closure", args[0] if args else None)
+            if closure is not None and gate._active and not isinstance(opt, torch.optim.LBFGS):
+                # Frameworks (Lightning) pass a closure that runs backward and the
+                # monitor's step, so the skip flag exists only after it: evaluate it
+                # first, as the optimizer would, and hand the optimizer its result.
+                with torch.enable_grad():
+                    loss = closure()
+                args, kwargs = (), {**kwargs, "closure": lambda: loss}
             flag, gate._flag = gate._flag, None
             if flag is None or not gate._active:
                 return original(*args, **kwargs)
@@ -64,7 +72,7 @@ class OptimizerGate:
             # Host sync: one scalar per optimizer step, as GradScaler does for
             # optimizers without found_inf support. Use nonfinite="zero" to avoid it.
             if bool(flag):
-                return None
+                return kwargs["closure"]() if "closure" in kwargs else None
             return original(*args, **kwargs)
 
         step.__name__ = "step"

@@ -59,3 +59,11 @@ def test_cli_config_validates_options():
     assert bad.returncode == 2
     assert "max_norm=None: clip='norm' needs a fixed threshold" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_lightning_integration_imports_from_the_installed_package():
+    import pytest
+
+    pytest.importorskip("lightning")
+    module = importlib.import_module("gradwatch.integrations.lightning")
+    assert module.GradWatchCallback.__module__ == "gradwatch.integrations.lightning"

@@ -202,3 +202,33 @@ def test_detach_restores_optimizer_step():
     assert "step" not in opt.__dict__
     with pytest.raises(RuntimeError, match="detached"):
         monitor.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_works_when_the_optimizer_runs_a_closure(fused):
+    """Lightning calls optimizer.step(closure) and the closure runs backward and the
+    monitor: the skip flag only exists once the closure has run."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    monitor = gradwatch.attach(model, opt, run_dir=False)
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+
+    def make_closure(bad: bool):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            (loss * (float("nan") if bad else 1.0)).backward()
+            monitor.step()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        opt.step(make_closure(False))
+    before = _snapshot(model, opt)
+    loss = opt.step(make_closure(True))
+    _assert_same(before, _snapshot(model, opt))
+    assert torch.isfinite(loss)  # the closure's loss is still returned
+    opt.step(make_closure(False))
+    assert not torch.equal(before[0][0], next(model.parameters()))

@@ -1,0 +1,135 @@
+"""PyTorch Lightning: ``GradWatchCallback``, one line to attach gradwatch to a Trainer.
+
+The callback maps Lightning's "gradients are final" moment, ``on_before_optimizer_step``
+(after accumulation and ``GradScaler.unscale_``, before Lightning's own clipping), onto
+:meth:`gradwatch.GradMonitor.step`. All statistics live in the monitor. It takes over
+clipping, so a Trainer that also clips (``gradient_clip_val``) is refused with the fix.
+With a ``WandbLogger`` the monitor logs into that logger's run; only global rank 0
+reports. The monitor's state travels in Trainer checkpoints through the callback's
+``state_dict``, so ``Trainer.fit(ckpt_path=...)`` resumes with the same statistics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+import gradwatch
+from gradwatch.config import resolve_config
+
+INSTALL = 'pip install "gradwatch[lightning]"'
+
+if importlib.util.find_spec("lightning") is None:  # pragma: no cover - exercised by hand
+    raise ImportError(f"gradwatch.integrations.lightning needs Lightning: {INSTALL}")
+
+import lightning.pytorch as pl  # noqa: E402
+
+
+class GradWatchCallback(pl.Callback):
+    """Attach a :class:`gradwatch.GradMonitor` to the module a Trainer fits.
+
+    Args:
+        config: a :class:`gradwatch.MonitorConfig`.
+        run_dir: as in :func:`gradwatch.attach` (rank 0 only).
+        wandb: ``"auto"`` (default): report to the run of the Trainer's ``WandbLogger``
+            if it has one; ``True``/dict/reporter as in :func:`gradwatch.attach`;
+            ``False``: no W&B.
+        **overrides: :class:`gradwatch.MonitorConfig` fields.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: gradwatch.MonitorConfig | None = None,
+        run_dir: Any = True,
+        wandb: Any = "auto",
+        **overrides: Any,
+    ) -> None:
+        # Validate now, not at fit time: a bad option fails where it was written.
+        self.config = resolve_config(config, overrides)
+        self.run_dir = run_dir
+        self.wandb = wandb
+        self.monitor: gradwatch.GradMonitor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.monitor is not None:
+            return
+        clip = trainer.gradient_clip_val
+        if clip is not None and clip > 0:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={clip!r}) clips after GradWatchCallback has "
+                "already clipped, so every step would be clipped twice: pass "
+                "gradient_clip_val=None and let gradwatch clip (for a fixed norm: "
+                f"GradWatchCallback(clip='norm', max_norm={clip!r}))"
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "GradWatchCallback needs automatic optimization: with "
+                "automatic_optimization=False, call monitor.step() yourself between "
+                "manual_backward and optimizer.step()"
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            return
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"GradWatchCallback supports one optimizer, the Trainer has {len(optimizers)}"
+            )
+        optimizer = optimizers[0]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        rank_zero = trainer.is_global_zero
+        wandb: Any = False
+        if rank_zero:
+            wandb = self.wandb
+            if wandb == "auto":
+                wandb = self._wandb_from_loggers(trainer)
+        self.monitor = gradwatch.attach(
+            pl_module,
+            optimizer,
+            scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
+            config=self.config,
+            run_dir=self.run_dir if rank_zero else False,
+            wandb=wandb,
+        )
+        if self._pending_state is not None:
+            self.monitor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self.monitor is not None:
+            self.monitor.step()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.detach()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        if self.monitor is not None:
+            return self.monitor.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)
+        else:  # restored before training starts: applied when the monitor is made
+            self._pending_state = state_dict
+
+    @staticmethod
+    def _wandb_from_loggers(trainer: pl.Trainer) -> Any:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                from gradwatch.wandb_reporter import WandbReporter
+
+                return WandbReporter(run=logger.experiment)
+        return False

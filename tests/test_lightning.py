@@ -1,0 +1,152 @@
+"""GradWatchCallback on a real Lightning Trainer (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+from gradwatch.integrations.lightning import GradWatchCallback  # noqa: E402
+from wandb_reader import wait_for_exit  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SPIKE_STEP = 30  # optimizer step (= monitor step) whose gradients are blown up
+ACCUMULATE = 2
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, spike_batches=(), bad_batches=()):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.spike_batches = set(spike_batches)
+        self.bad_batches = set(bad_batches)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        if batch_idx in self.spike_batches:
+            loss = loss * 1e4
+        if batch_idx in self.bad_batches:
+            loss = loss * float("inf")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _data(n_batches):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_batches * 8, 8, generator=g)
+    y = x[:, :1] * 0.5 + 0.1 * torch.randn(n_batches * 8, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+class ParamDelta(pl.Callback):
+    """Records how far the parameters moved at each optimizer step."""
+
+    def __init__(self):
+        self.before = None
+        self.moves = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before = torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.before is not None:
+            after = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+            self.moves[trainer.global_step - 1] = (after - self.before).norm().item()
+            self.before = None
+
+
+def _trainer(tmp_path, callbacks, steps, **kwargs):
+    return pl.Trainer(
+        max_steps=steps, accumulate_grad_batches=ACCUMULATE, callbacks=callbacks,
+        logger=kwargs.pop("logger", False), enable_checkpointing=kwargs.pop("ckpt", False),
+        enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, **kwargs,
+    )
+
+
+def test_spike_detected_at_the_right_step_and_clipped(tmp_path):
+    spike_batch = SPIKE_STEP * ACCUMULATE + 1  # the second micro-batch of step 30
+    module = Tiny(spike_batches={spike_batch})
+    gw = GradWatchCallback(run_dir=tmp_path / "run", log_every=10)
+    delta = ParamDelta()
+    _trainer(tmp_path, [gw, delta], 50).fit(module, _data(100))
+    events = gw.monitor.events()
+    assert list(events.step) == [SPIKE_STEP]
+    assert events.kind.iloc[0] == "explosion" and events.action.iloc[0] == "clip_norm"
+    steps = gw.monitor.steps().set_index("step")
+    assert len(steps) == 50  # one monitor step per optimizer step, not per micro-batch
+    clipped = steps.loc[SPIKE_STEP, "clipped_norm"]
+    assert clipped <= steps.loc[SPIKE_STEP, "threshold"] * 1.0001
+    # SGD: the parameters moved by lr * the clipped norm, not by lr * the spike.
+    assert delta.moves[SPIKE_STEP] == pytest.approx(0.05 * clipped, rel=1e-3)
+    assert steps.loc[SPIKE_STEP, "global_norm"] > 100 * clipped
+
+
+def test_trainer_clipping_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"gradient_clip_val=1.0\) clips after GradWatchCallback"):
+        _trainer(tmp_path, [GradWatchCallback(run_dir=False)], 5,
+                 gradient_clip_val=1.0).fit(Tiny(), _data(10))
+
+
+def test_resume_from_checkpoint_restores_the_statistics(tmp_path):
+    # 40 batches = 20 optimizer steps an epoch; checkpoint at the end of epoch 0.
+    spikes = {21, 31}  # steps 10 and 15 of every epoch
+    options = dict(run_dir=False, warmup_steps=5)
+    full = GradWatchCallback(**options)
+    _trainer(tmp_path / "a", [full], 40).fit(Tiny(spikes), _data(40))
+
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1,
+                                           save_top_k=-1, save_on_train_epoch_end=True)
+    first = GradWatchCallback(**options)
+    _trainer(tmp_path / "b", [first, ckpt_cb], 20, ckpt=True).fit(Tiny(spikes), _data(40))
+    (ckpt,) = list((tmp_path / "ckpt").glob("*.ckpt"))
+    second = GradWatchCallback(**options)
+    _trainer(tmp_path / "b", [second], 40).fit(Tiny(spikes), _data(40), ckpt_path=ckpt)
+
+    a = full.monitor.steps().set_index("step")
+    b = second.monitor.steps().set_index("step")
+    assert list(b.index) == list(range(20, 40))  # the step count continues
+    # The statistics at the first resumed step are exactly those of the uninterrupted
+    # run; the events of the first half came along.
+    assert b.loc[20, "threshold"] == a.loc[20, "threshold"]
+    assert b.loc[20, "typical_norm"] == a.loc[20, "typical_norm"]
+    events = second.monitor.events()
+    assert {10, 15} <= set(events.step)
+    assert len(events.query("step >= 20 and kind == 'explosion'")) == 2  # epoch 1's spikes
+
+
+def test_grad_scaler_overflow_is_amp_overflow(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    gw = GradWatchCallback(run_dir=False)
+    module = Tiny(bad_batches={41})  # optimizer step 20
+    _trainer(tmp_path, [gw], 30, plugins=[plugin]).fit(module, _data(100))
+    events = gw.monitor.events()
+    assert "amp_overflow" in set(events.kind) and "explosion" not in set(events.kind)
+    assert 20 in set(events.query("kind == 'amp_overflow'").step)
+
+
+def test_metrics_reach_the_wandb_logger_run(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="gradwatch-tests", save_dir=str(tmp_path), offline=True)
+    gw = GradWatchCallback(run_dir=False, log_every=10)
+    module = Tiny(spike_batches={SPIKE_STEP * ACCUMULATE + 1})
+    _trainer(tmp_path, [gw], 50, logger=logger).fit(module, _data(100))
+    run_file = logger.experiment.settings.sync_file
+    logger.experiment.finish()
+    run = wait_for_exit(run_file)
+    rows = [h for h in run.history if "gradwatch/global_norm" in h]
+    assert [r["gradwatch/step"] for r in rows] == list(range(50))
+    steps = gw.monitor.steps()
+    assert rows[SPIKE_STEP]["gradwatch/global_norm"] == pytest.approx(
+        steps.global_norm[SPIKE_STEP], rel=1e-6)
+    assert [a["title"] for a in run.alerts] == [f"gradwatch: gradient explosion at step {SPIKE_STEP}"]
