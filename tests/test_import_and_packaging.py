@@ -61,9 +61,13 @@ def test_cli_config_validates_options():
     assert "Traceback" not in bad.stderr
 
 
-def test_lightning_integration_imports_from_the_installed_package():
+def test_integrations_import_from_the_installed_package():
     import pytest
 
     pytest.importorskip("lightning")
-    module = importlib.import_module("gradwatch.integrations.lightning")
-    assert module.GradWatchCallback.__module__ == "gradwatch.integrations.lightning"
+    pytest.importorskip("transformers")
+    for name, cls in (("lightning", "GradWatchCallback"),
+                      ("huggingface", "GradWatchTrainerCallback"),
+                      ("accelerate", "GradWatchAccelerate")):
+        module = importlib.import_module(f"gradwatch.integrations.{name}")
+        assert getattr(module, cls).__module__ == f"gradwatch.integrations.{name}"

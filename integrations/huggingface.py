@@ -1,0 +1,104 @@
+"""Hugging Face Trainer: ``GradWatchTrainerCallback``.
+
+The Trainer clips (``max_grad_norm``) before it calls ``on_pre_optimizer_step``, so the
+callback requires ``max_grad_norm=0`` and does the clipping itself in that hook; the
+gradients are final there (accumulated, and unscaled by the Trainer's own norm read).
+It never unscales or clips through the accelerator a second time. With
+``report_to="wandb"`` it logs into the Trainer's W&B run; only the main process
+reports. The monitor's state is written into every Trainer checkpoint
+(``gradwatch_state.pt``) and read back on ``resume_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+import gradwatch
+from gradwatch.config import resolve_config
+
+INSTALL = 'pip install "gradwatch[huggingface]"'
+STATE_FILE = "gradwatch_state.pt"
+
+if importlib.util.find_spec("transformers") is None:  # pragma: no cover
+    raise ImportError(f"gradwatch.integrations.huggingface needs transformers: {INSTALL}")
+
+from transformers import TrainerCallback  # noqa: E402
+
+
+class GradWatchTrainerCallback(TrainerCallback):
+    """Attach a :class:`gradwatch.GradMonitor` to the model a ``Trainer`` trains.
+
+    Args:
+        config: a :class:`gradwatch.MonitorConfig`.
+        run_dir: as in :func:`gradwatch.attach` (main process only).
+        wandb: ``"auto"`` (default): the Trainer's W&B run when ``report_to`` includes
+            ``"wandb"``; ``True``/dict/reporter as in :func:`gradwatch.attach`; ``False``.
+        **overrides: :class:`gradwatch.MonitorConfig` fields.
+    """
+
+    def __init__(self, *, config: gradwatch.MonitorConfig | None = None, run_dir: Any = True,
+                 wandb: Any = "auto", **overrides: Any) -> None:
+        self.config = resolve_config(config, overrides)
+        self.run_dir = run_dir
+        self.wandb = wandb
+        self.monitor: gradwatch.GradMonitor | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.monitor is not None:
+            return
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            raise ValueError(
+                f"TrainingArguments(max_grad_norm={args.max_grad_norm!r}): the Trainer clips "
+                "before GradWatchTrainerCallback sees the gradients; pass max_grad_norm=0 and "
+                "let gradwatch clip (for a fixed norm: GradWatchTrainerCallback(clip='norm', "
+                f"max_norm={args.max_grad_norm!r}))"
+            )
+        inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps it
+        scaler = getattr(optimizer, "scaler", None)
+        main = state.is_world_process_zero
+        wandb: Any = False
+        if main:
+            wandb = self.wandb
+            if wandb == "auto":
+                wandb = self._trainer_wandb(args)
+        self.monitor = gradwatch.attach(
+            model, inner,
+            scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
+            config=self.config, run_dir=self.run_dir if main else False, wandb=wandb,
+        )
+        if state.global_step > 0:  # resumed: the checkpoint it resumed from holds our state
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if os.path.isfile(path):
+                self.monitor.load_state_dict(torch.load(path, weights_only=True))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.step()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.monitor is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.monitor.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.detach()
+
+    @staticmethod
+    def _trainer_wandb(args) -> Any:
+        report_to = args.report_to or []
+        if isinstance(report_to, str):
+            report_to = [report_to]
+        if "wandb" not in report_to and "all" not in report_to:
+            return False
+        import wandb as wandb_module
+
+        from gradwatch.wandb_reporter import WandbReporter
+
+        return WandbReporter(run=wandb_module.run) if wandb_module.run is not None else True
