@@ -89,6 +89,7 @@ class GradWatchCallback(pl.Callback):
             wandb = self.wandb
             if wandb == "auto":
                 wandb = self._wandb_from_loggers(trainer)
+        others = [lg for lg in trainer.loggers if type(lg).__name__ != "WandbLogger"]
         self.monitor = gradwatch.attach(
             pl_module,
             optimizer,
@@ -96,6 +97,7 @@ class GradWatchCallback(pl.Callback):
             config=self.config,
             run_dir=self.run_dir if rank_zero else False,
             wandb=wandb,
+            reporters=[LoggerReporter(others)] if rank_zero and others else (),
         )
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -133,3 +135,41 @@ class GradWatchCallback(pl.Callback):
 
                 return WandbReporter(run=logger.experiment)
         return False
+
+
+class LoggerReporter:
+    """Sends the monitor's per-step values to Lightning loggers (CSV, TensorBoard, ...)
+    with ``log_metrics(metrics, step=<monitor step>)``, every ``log_every`` steps.
+
+    W&B is reported by :class:`gradwatch.wandb_reporter.WandbReporter` instead, which
+    adds histograms and alerts and keeps its own step metric.
+    """
+
+    def __init__(self, loggers: list[Any], prefix: str = "gradwatch") -> None:
+        self.loggers = loggers
+        self.prefix = prefix
+
+    def start(self, monitor: gradwatch.GradMonitor) -> None:
+        pass
+
+    def report(self, monitor: gradwatch.GradMonitor, chunk: Any) -> None:
+        from gradwatch.records import ACTIONS
+
+        lay, names, p = monitor._layout, monitor.layers.names, self.prefix
+        for step, row in zip(chunk.steps, chunk.rows):
+            metrics = {f"{p}/{name}": float(row[lay.step[name]])
+                       for name in ("global_norm", "clipped_norm", "threshold", "z", "coef")}
+            action = ACTIONS[int(row[lay.step["action"]])]
+            metrics[f"{p}/clipped"] = float(action in ("clip_norm", "clip_value"))
+            metrics[f"{p}/skipped"] = float(action == "skip")
+            present = row[lay.layer["present"]] > 0
+            norms = row[lay.layer["grad_norm"]]
+            for j, name in enumerate(names):
+                if present[j]:
+                    metrics[f"{p}/grad_norm/{name}"] = float(norms[j])
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=int(step))
+
+    def close(self, monitor: gradwatch.GradMonitor) -> None:
+        for logger in self.loggers:
+            logger.save()

@@ -150,3 +150,18 @@ def test_metrics_reach_the_wandb_logger_run(tmp_path):
     assert rows[SPIKE_STEP]["gradwatch/global_norm"] == pytest.approx(
         steps.global_norm[SPIKE_STEP], rel=1e-6)
     assert [a["title"] for a in run.alerts] == [f"gradwatch: gradient explosion at step {SPIKE_STEP}"]
+
+
+def test_metrics_reach_a_csv_logger(tmp_path):
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    gw = GradWatchCallback(run_dir=False, log_every=10)
+    _trainer(tmp_path, [gw], 30, logger=logger).fit(Tiny(), _data(100))
+    logged = pd.read_csv(logger.log_dir + "/metrics.csv")
+    rows = logged.dropna(subset=["gradwatch/global_norm"]).set_index("step")
+    steps = gw.monitor.steps().set_index("step")
+    assert list(rows.index) == list(range(30))
+    assert rows["gradwatch/global_norm"].values == pytest.approx(steps.global_norm.values, rel=1e-6)
+    assert "gradwatch/grad_norm/net.0" in rows.columns
