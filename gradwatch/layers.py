@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MonitorConfig
+from .distributed import clean_name
 from .functional import TensorGroup, group_by_device_and_dtype, to_device
 
 ROOT_LAYER = "(root)"
@@ -34,17 +35,25 @@ class LayerTable:
         param_names: qualified names of all parameters.
         params: the parameters, aligned with ``param_names``.
         param_layer: the layer index of each parameter.
+        param_numel: element count of each whole parameter (under sharding, of the
+            full parameter, not of this rank's shard).
     """
 
     names: tuple[str, ...]
     param_names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
     param_layer: tuple[int, ...]
+    param_numel: tuple[int, ...]
 
     @classmethod
     def from_model(cls, model: nn.Module, config: MonitorConfig) -> LayerTable:
-        """Build the table of ``model``'s layers as ``config`` asks."""
-        named = list(model.named_parameters())
+        """Build the table of ``model``'s layers as ``config`` asks.
+
+        Names are the model's own: components that wrappers insert (FSDP1's
+        ``_fsdp_wrapped_module``, activation checkpointing, ``torch.compile``) are
+        dropped, so a wrapped model has the same layers as the plain one.
+        """
+        named = [(clean_name(n), p) for n, p in model.named_parameters()]
         if not named:
             raise ValueError(
                 f"model={type(model).__name__} has no parameters: there are no gradients "
@@ -61,6 +70,7 @@ class LayerTable:
             param_names=tuple(n for n, _ in named),
             params=tuple(p for _, p in named),
             param_layer=tuple(param_layer),
+            param_numel=tuple(p.numel() for _, p in named),
         )
 
     @property
@@ -73,10 +83,12 @@ class LayerTable:
             {"layer": n, "index": i, "params": [], "numel": 0, "shapes": []}
             for i, n in enumerate(self.names)
         ]
-        for pname, p, li in zip(self.param_names, self.params, self.param_layer):
+        for pname, p, li, numel in zip(
+            self.param_names, self.params, self.param_layer, self.param_numel
+        ):
             rec = out[li]
             rec["params"].append(pname)
-            rec["numel"] += p.numel()
+            rec["numel"] += numel
             rec["shapes"].append(list(p.shape))
         return out
 
@@ -131,7 +143,8 @@ class GradPlan:
         groups: (device, dtype) groups over those positions.
         layer_index: layer of each present gradient, on the statistics device.
         layer_present: which layers have at least one gradient, on that device.
-        layer_numel: elements of the present gradients per layer, fp32, on that device.
+        layer_numel: elements of the present gradients per layer, fp32, on that device
+            (local elements when gradients are sharded).
     """
 
     positions: tuple[int, ...]
@@ -142,13 +155,17 @@ class GradPlan:
 
     @classmethod
     def build(
-        cls, table: LayerTable, positions: tuple[int, ...], device: torch.device
+        cls,
+        table: LayerTable,
+        positions: tuple[int, ...],
+        grads: list[Tensor],
+        device: torch.device,
     ) -> GradPlan:
-        grads = [table.params[i].grad for i in positions]
+        """``grads``: the gradients at ``positions`` (their local shards when sharded)."""
         layer_ids = [table.param_layer[i] for i in positions]
         numel = [0] * table.num_layers
-        for i, li in zip(positions, layer_ids):
-            numel[li] += table.params[i].numel()
+        for g, li in zip(grads, layer_ids):
+            numel[li] += g.numel()
         return cls(
             positions=positions,
             groups=group_by_device_and_dtype(grads, device),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist_utils
 from . import functional as F
 from .config import MonitorConfig, resolve_config
 from .layers import GradPlan, LayerTable
@@ -191,6 +192,10 @@ class GradMonitor:
         config: a :class:`MonitorConfig`.
         reporters: objects following :class:`gradwatch.reporting.Reporter` (the run
             record, W&B) that receive the records every ``log_every`` steps.
+        process_group: under ``torch.distributed``, the group across which gradients
+            are sharded. ``"auto"`` (default) finds it: FSDP2 ``DTensor`` gradients
+            and FSDP1 (``use_orig_params=True``) are reduced across their group; DDP
+            and a single process need no communication. ``None`` never communicates.
     """
 
     def __init__(
@@ -201,6 +206,7 @@ class GradMonitor:
         scaler: torch.amp.GradScaler | None = None,
         config: MonitorConfig | None = None,
         reporters: Sequence[Reporter] = (),
+        process_group: Any = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -213,6 +219,7 @@ class GradMonitor:
                 "the optimizer you call step() on, or None"
             )
         self.config = config if config is not None else MonitorConfig()
+        model = dist_utils.unwrap(model)  # DDP: the same gradients, the model's own names
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -229,6 +236,7 @@ class GradMonitor:
         # per-tensor results never copies from a device to the host.
         devices = [p.device for p in self.layers.params]
         self.device = next((d for d in devices if d.type != "cpu"), devices[0])
+        self._reducer = self._make_reducer(process_group)
         if optimizer is not None:
             self._warn_params_outside(optimizer)
         n = self.layers.num_layers
@@ -280,6 +288,32 @@ class GradMonitor:
         self._attached = True
 
     # ------------------------------------------------------------------ setup
+    def _make_reducer(self, process_group: Any) -> dist_utils.ShardReducer | None:
+        if process_group == "auto":
+            group = dist_utils.shard_group(self.model, self.layers.params)
+        else:
+            group = process_group
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return None
+        if self.config.clip == "agc":
+            raise ValueError(
+                "clip='agc' is not supported with sharded gradients (FSDP): its unit-wise "
+                "norms need whole parameters; use clip='auto', 'norm' or 'value'"
+            )
+        reducer = dist_utils.ShardReducer(group)
+        # FSDP1 exposes each parameter as this rank's flat slice: the whole parameter's
+        # size is the sum over the group (DTensors already report their global size).
+        from torch.distributed.tensor import DTensor
+
+        params = self.layers.params
+        local = [0 if isinstance(p, DTensor) else p.numel() for p in params]
+        if any(local):
+            total = reducer.layer_numel(local, self.device)
+            numel = tuple(p.numel() if isinstance(p, DTensor) else n
+                          for p, n in zip(params, total))
+            self.layers = dataclasses.replace(self.layers, param_numel=numel)
+        return reducer
+
     def _warn_params_outside(self, optimizer: torch.optim.Optimizer) -> None:
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         outside = [
@@ -334,15 +368,16 @@ class GradMonitor:
         return "optimizer step skipped"
 
     def _plan(self) -> tuple[GradPlan, list[Tensor]]:
-        params = self.layers.params
-        # Empty gradients carry no information (and some reductions reject them).
-        positions = tuple(
-            i for i, p in enumerate(params) if p.grad is not None and p.grad.numel() > 0
-        )
-        grads = [params[i].grad for i in positions]
+        # Sharded (FSDP) gradients are read through their local shards. Empty gradients
+        # (and empty shards) carry no information, and some reductions reject them.
+        local = [
+            None if p.grad is None else dist_utils.local(p.grad) for p in self.layers.params
+        ]
+        positions = tuple(i for i, g in enumerate(local) if g is not None and g.numel() > 0)
+        grads = [local[i] for i in positions]
         plan = self._plans.pop(positions, None)
         if plan is None or not plan.matches(grads):
-            plan = GradPlan.build(self.layers, positions, self.device)
+            plan = GradPlan.build(self.layers, positions, grads, self.device)
         # Most recently used last; a model whose set of gradients changes every step
         # (routing, dropped layers) keeps a bounded number of plans.
         self._plans[positions] = plan
@@ -379,16 +414,27 @@ class GradMonitor:
         if not grads:
             norms = max_abs = torch.zeros(0, dtype=torch.float32, device=dev)
         layer_sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
-        layer_norm = layer_sumsq.sqrt()
         layer_max = F.layer_max(max_abs, plan.layer_index, n)
+        present = plan.layer_present
+        layer_numel = plan.layer_numel
+        if self._reducer is not None:
+            # Shards: whole-layer values from one SUM and one MAX all-reduce of 2L
+            # values each. A NaN on any rank makes the sum NaN on every rank.
+            sums, maxes = self._reducer.sum_and_max(
+                torch.cat([layer_sumsq, layer_numel]), torch.cat([layer_max, present.float()])
+            )
+            layer_sumsq, layer_numel = sums[:n], sums[n:]
+            present = maxes[n:] > 0
+            # MAX may drop a NaN (comparisons with NaN are false); the sum keeps it.
+            layer_max = torch.where(layer_sumsq.isnan(), math.nan, maxes[:n])
+        layer_norm = layer_sumsq.sqrt()
         global_norm = layer_sumsq.sum().sqrt()
         # NaN/Inf anywhere makes its tensor's norm, hence the sum, non-finite.
         nonfinite = ~torch.isfinite(global_norm)
-        present = plan.layer_present
         # NaN (so log is NaN and the channel is not updated) where a layer has no
         # gradient or an all-zero one: there is no concentration to speak of.
         concentration = torch.where(
-            layer_norm > 0, layer_max * plan.layer_numel.sqrt() / layer_norm, math.nan
+            layer_norm > 0, layer_max * layer_numel.sqrt() / layer_norm, math.nan
         )
         x = torch.cat([global_norm.reshape(1), layer_norm, layer_max, concentration]).log()
         valid = torch.isfinite(x)  # absent layers have norm 0, so log is -inf: invalid
@@ -471,7 +517,12 @@ class GradMonitor:
         if mode in ("value", "auto"):
             F.clamp_(grads, plan.groups, tau.index_select(0, plan.layer_index))
             post_norms, _ = F.tensor_norms(grads, plan.groups, dev, with_max_abs=False)
-            post_layer_norm = F.layer_sum_of_squares(post_norms, plan.layer_index, n).sqrt()
+            if not grads:
+                post_norms = torch.zeros(0, dtype=torch.float32, device=dev)
+            post_sumsq = F.layer_sum_of_squares(post_norms, plan.layer_index, n)
+            if self._reducer is not None:
+                post_sumsq = self._reducer.sum(post_sumsq)
+            post_layer_norm = post_sumsq.sqrt()
         if mode == "auto":
             # Diffuse growth: whatever still exceeds its threshold after value clipping
             # is scaled down by one coefficient for the whole model (direction kept).
@@ -797,6 +848,7 @@ def attach(
     run_dir: str | os.PathLike[str] | bool | None = True,
     wandb: bool | dict[str, Any] | Reporter = False,
     reporters: Sequence[Reporter] = (),
+    process_group: Any = "auto",
     **overrides: Any,
 ) -> GradMonitor:
     """Attach a :class:`GradMonitor` to ``model``.
@@ -807,12 +859,15 @@ def attach(
         scaler: the ``torch.amp.GradScaler`` in use, if any.
         config: a :class:`MonitorConfig`; defaults to ``MonitorConfig()``.
         run_dir: where to record the run (Parquet parts, see
-            :mod:`gradwatch.run_record`). ``True`` (default): a new directory under
+            :mod:`gradwatch.run_record`); under ``torch.distributed``, on rank 0 only. ``True`` (default): a new directory under
             ``./gradwatch_runs/``; a path: that directory; ``False``/``None``: no record.
         wandb: report to Weights & Biases: ``True`` for a
             :class:`~gradwatch.wandb_reporter.WandbReporter` with defaults (it reuses
             ``wandb.run`` if one is active), a dict of its arguments, or a reporter.
+            Under ``torch.distributed``, on rank 0 only.
         reporters: more reporters (see :mod:`gradwatch.reporting`).
+        process_group: under ``torch.distributed``, the group across which gradients
+            are sharded; ``"auto"`` (default) finds FSDP's (see :class:`GradMonitor`).
         **overrides: fields of :class:`MonitorConfig` to set (on top of ``config``).
 
     Returns:
@@ -823,6 +878,10 @@ def attach(
     """
     config = resolve_config(config, overrides)
     all_reporters = list(reporters)
+    if dist_utils.rank() != 0:
+        # Under torch.distributed every rank measures and decides alike; only global
+        # rank 0 keeps the run record and reports to W&B.
+        run_dir = wandb = False
     if run_dir:
         from .run_record import RunRecorder, default_run_dir
 
@@ -837,4 +896,5 @@ def attach(
         elif isinstance(wandb, dict):
             wandb = WandbReporter(**wandb)
         all_reporters.append(wandb)
-    return GradMonitor(model, optimizer, scaler=scaler, config=config, reporters=all_reporters)
+    return GradMonitor(model, optimizer, scaler=scaler, config=config, reporters=all_reporters,
+                       process_group=process_group)

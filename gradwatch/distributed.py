@@ -1,0 +1,152 @@
+"""Running under ``torch.distributed``: which gradients are shards, and how to combine
+per-layer statistics across ranks.
+
+* **DDP** (and any data parallelism that leaves full, already averaged gradients on
+  every rank): every rank sees the same gradients and so computes the same statistics
+  and decisions. Nothing is communicated.
+* **FSDP2** (``fully_shard``) and **FSDP1** (``use_orig_params=True``): a rank holds a
+  shard of each gradient (a ``DTensor`` with ``Shard`` placement, or a flat view that
+  can be empty). Per-layer sums of squares, element counts, maxima and presence flags
+  are computed on the local shards and combined with two small all-reduces per step
+  (one ``SUM`` of ``2L`` values, one ``MAX`` of ``2L`` values, launched together), plus
+  one ``SUM`` of ``L`` post-clip sums in the modes that value-clip. No gradient is ever
+  gathered and no collective is issued per tensor. Every rank then holds the same
+  numbers and makes the same decision; a NaN on one rank makes the reduced sum NaN
+  everywhere, so every rank skips.
+
+``torch.distributed`` is imported only when it is initialised; a single-process run
+never touches it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Module-name components that wrappers insert and that are not part of the model's own
+# structure (FSDP1, activation checkpointing, torch.compile).
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 outside ``torch.distributed``)."""
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper.
+
+    Its gradients are the wrapped module's, and its parameter names then match a
+    single-process run's (no ``module.`` prefix), so state moves between the two.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the components wrappers insert."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def local(t: Tensor) -> Tensor:
+    """The local part of a ``DTensor`` (the tensor itself otherwise).
+
+    In-place ops on the result act on the gradient's own storage.
+    """
+    inner = getattr(t, "_local_tensor", None)
+    return inner if inner is not None else t
+
+
+def shard_group(model: nn.Module, params: tuple[nn.Parameter, ...]) -> Any:
+    """The process group across which ``model``'s gradients are sharded, or ``None``
+    when every rank holds whole gradients (single process, DDP).
+
+    Raises:
+        ValueError: a layout gradwatch cannot reduce on its own (FSDP1 without
+            ``use_orig_params=True``, DTensors sharded over several mesh dimensions);
+            the message says to pass ``process_group=`` explicitly.
+    """
+    if not is_initialized():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    groups = []
+    for p in params:
+        if isinstance(p, DTensor):
+            dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            if len(dims) > 1:
+                raise ValueError(
+                    f"a parameter is a DTensor sharded over {len(dims)} mesh dimensions "
+                    f"({p.placements}); gradwatch cannot tell which ranks hold disjoint "
+                    "parts of it: pass process_group= (the group over which every gradient "
+                    "element lives on exactly one rank) to gradwatch.attach"
+                )
+            if dims:
+                groups.append(p.device_mesh.get_group(dims[0]))
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for module in model.modules():
+        if isinstance(module, FSDP):
+            if not module._use_orig_params:
+                raise ValueError(
+                    "model is wrapped in FullyShardedDataParallel with "
+                    "use_orig_params=False: its parameters are flat buffers without "
+                    "layer names; wrap it with FullyShardedDataParallel(..., "
+                    "use_orig_params=True) to monitor it"
+                )
+            groups.append(module.process_group)
+    if not groups:
+        return None
+    first = groups[0]
+    if any(g is not first for g in groups[1:]):
+        raise ValueError(
+            "the model's gradients are sharded over different process groups; pass "
+            "process_group= (the group over which every gradient element lives on "
+            "exactly one rank) to gradwatch.attach"
+        )
+    return first
+
+
+class ShardReducer:
+    """Combines per-layer statistics of local gradient shards across a process group.
+
+    Collectives are launched asynchronously and waited on without reading any value,
+    so on an accelerator the host never blocks (``wait`` orders the device stream).
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world_size = torch.distributed.get_world_size(group)
+
+    def sum_and_max(self, sums: Tensor, maxes: Tensor) -> tuple[Tensor, Tensor]:
+        """All-reduce ``sums`` with ``SUM`` and ``maxes`` with ``MAX`` (in place)."""
+        dist = torch.distributed
+        work = [
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group, async_op=True),
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+        ]
+        for w in work:
+            w.wait()
+        return sums, maxes
+
+    def sum(self, sums: Tensor) -> Tensor:
+        """All-reduce ``sums`` with ``SUM`` (in place)."""
+        dist = torch.distributed
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group, async_op=True).wait()
+        return sums
+
+    def layer_numel(self, numel: list[int], device: torch.device) -> list[int]:
+        """Whole-layer element counts from this rank's local counts (at construction)."""
+        t = torch.tensor(numel, dtype=torch.float64, device=device)
+        return [int(v) for v in self.sum(t).tolist()]
