@@ -52,6 +52,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
 def clean_name(name: str) -> str:
     """A parameter name without the components wrappers insert."""
     for prefix in WRAPPER_PREFIXES:

@@ -219,6 +219,7 @@ class GradMonitor:
                 "the optimizer you call step() on, or None"
             )
         self.config = config if config is not None else MonitorConfig()
+        self._ddp = model if dist_utils.is_ddp(model) else None
         model = dist_utils.unwrap(model)  # DDP: the same gradients, the model's own names
         self.model = model
         self.optimizer = optimizer
@@ -405,6 +406,13 @@ class GradMonitor:
     def _step_impl(self) -> StepResult:
         cfg = self.config
         self._check_scaler_stage()
+        if self._ddp is not None and not self._ddp.require_backward_grad_sync:
+            raise RuntimeError(
+                "monitor.step() ran inside DistributedDataParallel.no_sync(): these "
+                "gradients are this rank's own, not yet averaged, so ranks would measure "
+                "and decide differently. Call monitor.step() once per optimizer step, after "
+                "the backward of the micro-batch that synchronises (outside no_sync())"
+            )
         plan, grads = self._plan()
         n = self.layers.num_layers
         dev = self.device

@@ -145,7 +145,15 @@ def ddp(rank: int, world: int, tmp: str) -> dict[str, Any]:
     monitor.load_state_dict(torch.load(path, weights_only=True))
     second = train(resumed, rank, world, steps=STEPS - 20, start=20, monitor=monitor,
                    nan_via="input")
-    return {"main": main, "resumed": second}
+    monitor = gradwatch.attach(resumed, optimizer, run_dir=False)
+    # Inside no_sync() the gradients are local: stepping the monitor there is refused.
+    with resumed.no_sync():
+        nn.functional.mse_loss(resumed(batch(0)[0]), batch(0)[1]).backward()
+        try:
+            monitor.step()
+        except RuntimeError as err:
+            no_sync_error = str(err)
+    return {"main": main, "resumed": second, "no_sync_error": no_sync_error}
 
 
 def reporting(rank: int, world: int, tmp: str) -> dict[str, Any]:

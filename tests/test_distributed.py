@@ -75,6 +75,7 @@ def test_ddp_matches_a_single_process_and_needs_no_communication(ddp_runs):
         assert r["main"]["moved"][w.NAN_STEP] == 0.0
         assert r["main"]["moved"][w.NAN_STEP + 1] > 0.0
     assert_ranks_agree(r0["main"], r1["main"])
+    assert "ran inside DistributedDataParallel.no_sync()" in r0["no_sync_error"]
 
 
 def test_ddp_state_saved_on_rank_0_resumes_every_rank_with_the_same_decisions(ddp_runs):
