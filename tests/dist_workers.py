@@ -196,6 +196,25 @@ def fsdp2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     return out
 
 
+def hsdp(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """FSDP2 on a 2-D (replicate, shard) mesh, both ways round: sharded across the two
+    ranks (1 x 2), and replicated across them (2 x 1: whole, averaged gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for shape in ((1, world), (world, 1)):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        out[shape] = train(model, rank, world, count_collectives=True, outlier=False,
+                           nan_rank=None)
+    return out
+
+
 def fsdp1(rank: int, world: int, tmp: str) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 

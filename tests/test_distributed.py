@@ -111,6 +111,17 @@ def test_fsdp2_shards_reduce_to_the_single_process_numbers(tmp_path):
     assert_ranks_agree(r0, r1)
 
 
+def test_hsdp_reduces_over_the_shard_dimension_only(tmp_path):
+    r0, r1 = w.spawn(2, "hsdp", tmp_path)
+    ref = reference(nan_rank=None, outlier=False)
+    for r in (r0, r1):
+        for shape, collectives in (((1, 2), 3), ((2, 1), 0)):
+            assert_matches_reference({**r[shape], "params": ref["params"]}, ref)
+            assert r[shape]["collectives"] == [collectives] * w.STEPS, shape
+    for shape in ((1, 2), (2, 1)):
+        assert_ranks_agree(r0[shape], r1[shape])
+
+
 def test_fsdp1_flat_shards_reduce_to_the_single_process_numbers(tmp_path):
     r0, r1 = w.spawn(2, "fsdp1", tmp_path)
     ref = reference(nan_rank=None, outlier=False)
