@@ -6,13 +6,16 @@ gradients are final there (accumulated, and unscaled by the Trainer's own norm r
 It never unscales or clips through the accelerator a second time. With
 ``report_to="wandb"`` it logs into the Trainer's W&B run; only the main process
 reports. The monitor's state is written into every Trainer checkpoint
-(``gradwatch_state.pt``) and read back on ``resume_from_checkpoint``.
+(``gradwatch_state.pt``) and read back on ``resume_from_checkpoint`` from
+``output_dir/checkpoint-<step>``; a checkpoint elsewhere is named with ``resume_from=``
+(the Trainer does not tell callbacks where it resumed from).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -37,14 +40,19 @@ class GradWatchTrainerCallback(TrainerCallback):
         run_dir: as in :func:`gradwatch.attach` (main process only).
         wandb: ``"auto"`` (default): the Trainer's W&B run when ``report_to`` includes
             ``"wandb"``; ``True``/dict/reporter as in :func:`gradwatch.attach`; ``False``.
+        resume_from: the checkpoint directory that ``trainer.train(resume_from_checkpoint=)``
+            resumes from, when it is not under ``output_dir``; by default the state is
+            read from ``output_dir/checkpoint-<global step>``.
         **overrides: :class:`gradwatch.MonitorConfig` fields.
     """
 
     def __init__(self, *, config: gradwatch.MonitorConfig | None = None, run_dir: Any = True,
-                 wandb: Any = "auto", **overrides: Any) -> None:
+                 wandb: Any = "auto", resume_from: str | os.PathLike[str] | None = None,
+                 **overrides: Any) -> None:
         self.config = resolve_config(config, overrides)
         self.run_dir = run_dir
         self.wandb = wandb
+        self.resume_from = resume_from
         self.monitor: gradwatch.GradMonitor | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -71,9 +79,19 @@ class GradWatchTrainerCallback(TrainerCallback):
             config=self.config, run_dir=self.run_dir if main else False, wandb=wandb,
         )
         if state.global_step > 0:  # resumed: the checkpoint it resumed from holds our state
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            folder = self.resume_from or os.path.join(
+                args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, STATE_FILE)
             if os.path.isfile(path):
                 self.monitor.load_state_dict(torch.load(path, weights_only=True))
+            else:
+                warnings.warn(
+                    f"gradwatch: the Trainer resumed at step {state.global_step} but there is "
+                    f"no {STATE_FILE} in {folder}, so the gradient statistics start afresh. "
+                    "If the checkpoint is elsewhere, pass "
+                    "GradWatchTrainerCallback(resume_from=<that checkpoint directory>)",
+                    stacklevel=2,
+                )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.monitor is not None:

@@ -38,10 +38,14 @@ class Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def _data(n_batches):
+def _data(n_batches, spike_batches=()):
+    """``spike_batches``: batches whose labels are corrupted (off by 100): a spike that
+    travels with the data, unlike a batch_idx or a counter kept in the module."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_batches * 8, 8, generator=g)
     y = x[:, :1] * 0.5 + 0.1 * torch.randn(n_batches * 8, 1, generator=g)
+    for b in spike_batches:
+        y[b * 8 : (b + 1) * 8] += 100.0
     return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
@@ -96,14 +100,16 @@ def test_trainer_clipping_is_refused_with_the_fix(tmp_path):
 
 
 def test_resume_from_checkpoint_restores_the_statistics(tmp_path):
-    # 40 batches = 20 optimizer steps an epoch; checkpoint at the end of epoch 0.
+    # 40 batches = 20 optimizer steps an epoch; checkpoint after step 20 (the end of epoch
+    # 0), written at that step: an epoch-end checkpoint with max_steps resumes one step
+    # late (see LIGHTNING_EPOCH_END_RESUME below).
     spikes = {21, 31}  # steps 10 and 15 of every epoch
     options = dict(run_dir=False, warmup_steps=5)
     full = GradWatchCallback(**options)
     _trainer(tmp_path / "a", [full], 40).fit(Tiny(spikes), _data(40))
 
-    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1,
-                                           save_top_k=-1, save_on_train_epoch_end=True)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20,
+                                           save_top_k=-1)
     first = GradWatchCallback(**options)
     _trainer(tmp_path / "b", [first, ckpt_cb], 20, ckpt=True).fit(Tiny(spikes), _data(40))
     (ckpt,) = list((tmp_path / "ckpt").glob("*.ckpt"))
@@ -119,7 +125,64 @@ def test_resume_from_checkpoint_restores_the_statistics(tmp_path):
     assert b.loc[20, "typical_norm"] == a.loc[20, "typical_norm"]
     events = second.monitor.events()
     assert {10, 15} <= set(events.step)
-    assert len(events.query("step >= 20 and kind == 'explosion'")) == 2  # epoch 1's spikes
+    assert list(events.query("step >= 20 and kind == 'explosion'").step) == [30, 35]  # epoch 1's
+
+
+CKPT_STEP = 20  # = the end of epoch 0: 40 batches of 2 micro-batches per step
+LIGHTNING_EPOCH_END_RESUME = (
+    "Lightning 2.6: with max_steps set, restarting is "
+    "forced and a checkpoint written in on_train_epoch_end restores as 'restarted on epoch "
+    "end'; with no validation loop to wait for, the epoch loop is not done, so the resumed "
+    "run trains one extra optimizer step on a single micro-batch (batch_idx 40: the first "
+    "batch of a fresh iterator) before epoch 1, and every later batch lands one step late "
+    "(spikes at 31/36 instead of 30/35). Not a gradwatch bug: the data differ."
+)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, by_epochs",
+    [
+        pytest.param(dict(every_n_train_steps=CKPT_STEP), False, id="step-checkpoint"),
+        pytest.param(dict(every_n_epochs=1, save_on_train_epoch_end=True), True,
+                     id="epoch-end-checkpoint-max_epochs"),
+        pytest.param(dict(every_n_epochs=1, save_on_train_epoch_end=True), False,
+                     id="epoch-end-checkpoint-max_steps",
+                     marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                             reason=LIGHTNING_EPOCH_END_RESUME)),
+    ],
+)
+def test_resume_from_checkpoint_gives_the_same_decisions(tmp_path, checkpoint, by_epochs):
+    # The spikes are in the data (batches 21 and 31 of every epoch: steps 10 and 15, then
+    # 30 and 35), not in a counter of the module, which a checkpoint does not restore.
+    def data():
+        return _data(2 * CKPT_STEP, spike_batches={21, 31})
+
+    def limit(steps):  # counted by Lightning in epochs or in optimizer steps
+        return dict(steps=-1, max_epochs=steps // CKPT_STEP) if by_epochs else dict(steps=steps)
+
+    options = dict(run_dir=False, warmup_steps=5)
+    full = GradWatchCallback(**options)
+    _trainer(tmp_path / "full", [full], **limit(2 * CKPT_STEP)).fit(Tiny(), data())
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **checkpoint)
+    first = GradWatchCallback(**options)
+    _trainer(tmp_path / "cut", [first, saver], ckpt=True, **limit(CKPT_STEP)).fit(Tiny(), data())
+    (ckpt,) = list((tmp_path / "ckpt").glob("*.ckpt"))
+    resumed = GradWatchCallback(**options)
+    _trainer(tmp_path / "cut", [resumed], **limit(2 * CKPT_STEP)).fit(Tiny(), data(),
+                                                                       ckpt_path=ckpt)
+
+    a, b = full.monitor.steps(), resumed.monitor.steps()
+    a, b = a[a.step >= CKPT_STEP], b[b.step >= CKPT_STEP]
+    assert list(a.step) == list(b.step) == list(range(CKPT_STEP, 2 * CKPT_STEP))
+    assert list(b.action) == list(a.action)
+    assert b.threshold.values == pytest.approx(a.threshold.values, rel=1e-5, nan_ok=True)
+    assert b.global_norm.values == pytest.approx(a.global_norm.values, rel=1e-5)
+    columns = ["step", "kind", "action"]
+    events = full.monitor.events()[columns].values.tolist()
+    assert resumed.monitor.events()[columns].values.tolist() == events  # restored ones too
+    assert [(s, k) for s, k, _ in events] == [(10, "explosion"), (15, "explosion"),
+                                              (30, "explosion"), (35, "explosion")]
 
 
 def test_grad_scaler_overflow_is_amp_overflow(tmp_path):
