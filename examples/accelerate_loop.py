@@ -5,6 +5,7 @@ exploded feature. ``GradWatchAccelerate.step()`` runs inside
 ``if accelerator.sync_gradients:``, once per optimizer step.
 
 Run:  python examples/accelerate_loop.py      (a few seconds on CPU)
+      torchrun --nproc_per_node 2 examples/accelerate_loop.py   (two processes, gloo)
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.zero_grad()
     watch.detach()
     actions = watch.monitor.steps()["action"].value_counts()
-    print(f"{len(watch.monitor.steps())} optimizer steps; actions: {actions.to_dict()}")
-    print(f"{len(watch.monitor.events())} event(s); report: "
-          f"{export_report(args.out / 'run', args.out / 'report.html')}")
+    print(f"process {accelerator.process_index}: {len(watch.monitor.steps())} optimizer "
+          f"steps; actions: {actions.to_dict()}; {len(watch.monitor.events())} event(s)",
+          flush=True)
+    if accelerator.is_main_process:  # the only process that recorded the run
+        print(f"report: {export_report(args.out / 'run', args.out / 'report.html')}")
     return 0
 
 

@@ -6,6 +6,7 @@ A few batches get their loss scaled by 1e3, a loss spike; the callback detects a
 clips it. The Trainer must not clip itself: ``max_grad_norm=0``.
 
 Run:  python examples/hf_trainer.py           (under a minute on CPU)
+      torchrun --nproc_per_node 2 examples/hf_trainer.py   (two processes, gloo)
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         max_grad_norm=0.0, report_to="wandb", run_name="gradwatch-hf-example",
         logging_steps=25, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
     )
-    Spiky(model=model, args=targs, train_dataset=Digits(), callbacks=[watch]).train()
+    trainer = Spiky(model=model, args=targs, train_dataset=Digits(), callbacks=[watch])
+    trainer.train()
 
     events = watch.monitor.events()
-    print(f"{len(events)} event(s):")
+    actions = watch.monitor.steps()["action"].value_counts().to_dict()
+    print(f"process {targs.process_index}: actions {actions}; {len(events)} event(s)",
+          flush=True)
+    if not trainer.is_world_process_zero():
+        return 0  # the main process alone recorded the run
     for ev in events.itertuples():
         print(f"  step {ev.step:4d} {ev.kind:10s} {ev.action:10s} layer {ev.layer}: {ev.reason[:110]}")
     print(f"report: {export_report(args.out / 'run', args.out / 'report.html')}")
