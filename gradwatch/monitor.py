@@ -867,8 +867,9 @@ def attach(
         scaler: the ``torch.amp.GradScaler`` in use, if any.
         config: a :class:`MonitorConfig`; defaults to ``MonitorConfig()``.
         run_dir: where to record the run (Parquet parts, see
-            :mod:`gradwatch.run_record`); under ``torch.distributed``, on rank 0 only. ``True`` (default): a new directory under
-            ``./gradwatch_runs/``; a path: that directory; ``False``/``None``: no record.
+            :mod:`gradwatch.run_record`). ``True`` (default): a new directory under
+            ``./gradwatch_runs/``; a path: that directory; ``False``/``None``: no
+            record. Under ``torch.distributed``, on rank 0 only.
         wandb: report to Weights & Biases: ``True`` for a
             :class:`~gradwatch.wandb_reporter.WandbReporter` with defaults (it reuses
             ``wandb.run`` if one is active), a dict of its arguments, or a reporter.
