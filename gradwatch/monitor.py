@@ -16,6 +16,12 @@ What one step does, all on the device and without reading any value on the host:
    clipped, non-finite values never enter);
 5. one row written into a device buffer. Every ``log_every`` steps the buffer goes to
    the host in one transfer; that is the only host synchronisation.
+
+When the gradients live on the CPU there is no device to wait for: reading a flag
+costs nothing, while a pass that would change nothing (a clamp at ``inf``, a multiply
+by 1) still reads and writes every gradient. There the monitor reads its decision
+flags and skips such passes, the way ZClip skips its scale on steps it does not clip.
+On accelerators every pass is launched unconditionally and nothing is read.
 """
 
 from __future__ import annotations
@@ -238,6 +244,9 @@ class GradMonitor:
         devices = [p.device for p in self.layers.params]
         self.device = next((d for d in devices if d.type != "cpu"), devices[0])
         self._reducer = self._make_reducer(process_group)
+        # CPU: branch on decision flags to skip passes that would change nothing
+        # (a host read there is free); accelerators never read on the step.
+        self._host_branches = self.device.type == "cpu"
         if optimizer is not None:
             self._warn_params_outside(optimizer)
         n = self.layers.num_layers
@@ -522,7 +531,8 @@ class GradMonitor:
             value_clipped = concentrated.any()
             threshold = self._ceiling(threshold)
 
-        if mode in ("value", "auto"):
+        host = self._host_branches
+        if mode in ("value", "auto") and (not host or bool(value_clipped)):
             F.clamp_(grads, plan.groups, tau.index_select(0, plan.layer_index))
             post_norms, _ = F.tensor_norms(grads, plan.groups, dev, with_max_abs=False)
             if not grads:
@@ -547,7 +557,8 @@ class GradMonitor:
             # Never make a non-finite step worse: NaN * coef is still NaN, but a NaN
             # coefficient would spread it to every finite gradient.
             coef = torch.where(torch.isfinite(coef), coef, 1.0)
-            F.scale_(grads, plan.groups, coef)
+            if not host or bool(coef < 1.0):
+                F.scale_(grads, plan.groups, coef)
             post_layer_norm = post_layer_norm * coef
         if norm_clipped is None:
             norm_clipped = coef < 1.0
@@ -622,7 +633,8 @@ class GradMonitor:
         """Make sure a skipped step changes nothing, by the cheapest route available."""
         own_nonfinite = self.scaler is None  # with a scaler, overflow is the scaler's job
         if own_nonfinite and self.config.nonfinite == "zero":
-            F.zero_where_(grads, nonfinite)  # one extra pass, but no sync for any optimizer
+            if not self._host_branches or bool(nonfinite):
+                F.zero_where_(grads, nonfinite)  # one extra pass, but no sync for any optimizer
         if self._gate is not None:
             skip = skip_z | nonfinite if own_nonfinite and self.config.nonfinite == "skip" else skip_z
             self._gate.arm(skip)

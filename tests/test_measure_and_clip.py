@@ -190,3 +190,25 @@ def test_max_norm_is_a_ceiling_during_warmup_in_adaptive_modes():
     result = monitor.step()  # step 0: far from warm, but the ceiling holds
     assert result.action == "clip_norm"
     assert result.clipped_norm == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_norms_and_max_abs_of_mixed_sizes_and_shapes(dtype):
+    # Large tensors (read one by one) and small ones of repeated and unique shapes
+    # (stacked per shape) in one list, with a NaN in a small one and an inf in a large
+    # one: every value lands at its own position.
+    from gradwatch.functional import CPU_SMALL, group_by_device_and_dtype, tensor_norms
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(300, 300), (64,), (8, 8), (64,), (CPU_SMALL,), (8, 8), (3, 5, 7), (64,), (1,)]
+    tensors = [torch.randn(s, generator=g).to(dtype) * (i + 1) for i, s in enumerate(shapes)]
+    tensors[3][10] = float("nan")
+    tensors[4][7] = float("inf")
+    norms, max_abs = tensor_norms(tensors, group_by_device_and_dtype(tensors, torch.device("cpu")),
+                                  torch.device("cpu"))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want_norms = torch.stack([torch.linalg.vector_norm(t.to(acc)) for t in tensors]).float()
+    want_max = torch.stack([t.to(acc).abs().max() for t in tensors]).float()
+    torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=0, equal_nan=True)
+    torch.testing.assert_close(max_abs, want_max, rtol=0, atol=0, equal_nan=True)
+    assert norms[3].isnan() and norms[4].isinf() and max_abs[3].isnan()

@@ -4,10 +4,16 @@
 host to wait for the device: ``_local_scalar_dense`` (what ``.item()``, ``bool()``
 and a Python ``if`` on a tensor dispatch to), data-dependent shapes (``nonzero``,
 ``masked_select``, ``unique``), ``equal``, and copies from an accelerator to the CPU.
+
+The models here live on the CPU, where the monitor reads its decision flags to skip
+passes that would change nothing (free without a device). The accelerator path, which
+reads nothing, is what these tests check: they switch the CPU branches off
+(``_host_branches = False``), and a last test shows that both paths compute the same.
 """
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from helpers import GradStream, SyncCounter, mlp
@@ -49,6 +55,7 @@ def test_step_has_no_host_sync_between_logging_steps(options, optimizer):
     if opt is not None:
         options = {**options, "skip_threshold": 30.0}
     monitor = gradwatch.attach(model, opt, log_every=10, warmup_steps=5, **options)
+    monitor._host_branches = False  # the accelerator path
     stream = GradStream(model)
     for t in range(40):
         # Spikes, concentrated outliers and a NaN exercise every decision branch.
@@ -83,6 +90,7 @@ def test_nonfused_optimizer_pays_one_scalar_sync_in_its_step_only():
     opt = torch.optim.Adam(model.parameters(), foreach=True)
     twin_opt = torch.optim.Adam(twin.parameters(), foreach=True)  # no monitor
     monitor = gradwatch.attach(model, opt, log_every=100)
+    monitor._host_branches = False  # the accelerator path
     stream, twin_stream = GradStream(model), GradStream(twin)
     for _ in range(5):
         stream.write()
@@ -107,3 +115,35 @@ def test_logging_step_transfers_once():
     # Nothing is left on the device once a logging step has run.
     assert monitor._pending == 0
     assert len(monitor.steps()) == 8
+
+
+@pytest.mark.filterwarnings("ignore:gradwatch. NaN/Inf gradients at step")
+@pytest.mark.parametrize("options", MODES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_cpu_branches_compute_what_the_accelerator_path_computes(options):
+    def run(host_branches):
+        torch.manual_seed(0)
+        model = mlp()
+        monitor = gradwatch.attach(model, log_every=10, warmup_steps=5, run_dir=False,
+                                   **options)
+        monitor._host_branches = host_branches
+        stream = GradStream(model)
+        grads = []
+        for t in range(40):
+            stream.write(
+                diffuse={"2": 100.0} if t == 20 else None,
+                spike={"4.weight": 10.0} if t == 25 else None,
+            )
+            if t == 30:
+                model[0].weight.grad[0, 0] = float("nan")
+            monitor.step()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        return monitor, grads
+
+    fast, fast_grads = run(True)
+    slow, slow_grads = run(False)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    pd.testing.assert_frame_equal(fast.steps(), slow.steps())
+    pd.testing.assert_frame_equal(fast.history(), slow.history())
+    if options.get("clip") in ("auto", "value", "norm"):  # the skipped passes mattered
+        assert (fast.steps().action != "none").any()
