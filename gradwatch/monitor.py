@@ -352,7 +352,11 @@ class GradMonitor:
                 )
             return None
         own_nonfinite = cfg.nonfinite == "skip" and self.scaler is None
-        if own_nonfinite or cfg.skip_threshold is not None:
+        # A fused optimizer also takes the norm-clipping coefficient (grad_scale).
+        scales = cfg.clip in ("norm", "zscore", "percentile", "auto")
+        if own_nonfinite or cfg.skip_threshold is not None or (
+            scales and supports_found_inf(self.optimizer)
+        ):
             return OptimizerGate(self.optimizer)
         return None
 
@@ -401,6 +405,9 @@ class GradMonitor:
 
         Call once per optimizer step, after gradients are final (after gradient
         accumulation and ``scaler.unscale_(optimizer)``), before ``optimizer.step()``.
+        With a fused optimizer (``fused=True``) the norm-clipping coefficient is applied
+        by that ``optimizer.step()`` (its ``grad_scale``) rather than by a pass of its
+        own, so ``p.grad`` holds the clipped values once the optimizer has stepped.
         No host synchronisation happens except on every ``log_every``-th step, where
         the buffered records are copied to the host in one transfer.
 
@@ -557,7 +564,11 @@ class GradMonitor:
             # Never make a non-finite step worse: NaN * coef is still NaN, but a NaN
             # coefficient would spread it to every finite gradient.
             coef = torch.where(torch.isfinite(coef), coef, 1.0)
-            if not host or bool(coef < 1.0):
+            if self._gate is not None and self._gate.fused:
+                # The fused optimizer multiplies by coef as it reads each gradient for
+                # its update (grad_scale): no pass of our own.
+                self._gate.scale(coef)
+            elif not host or bool(coef < 1.0):
                 F.scale_(grads, plan.groups, coef)
             post_layer_norm = post_layer_norm * coef
         if norm_clipped is None:

@@ -16,6 +16,11 @@ such optimizers):
   step.
 
 ``nonfinite="zero"`` avoids all of this by zeroing the gradients instead.
+
+The same attributes carry norm clipping into a fused optimizer: its kernel divides
+every gradient by ``grad_scale`` (in place) as it reads it for the update, so the
+monitor sets ``grad_scale = 1 / coefficient`` instead of multiplying the gradients in
+a pass of its own. One read-modify-write of all gradients is saved on every step.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+_MISSING = object()
 
 
 def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -48,6 +56,7 @@ class OptimizerGate:
         self.fused = supports_found_inf(optimizer)
         self._num_params = sum(len(g["params"]) for g in optimizer.param_groups)
         self._flag: Tensor | None = None
+        self._coef: Tensor | None = None
         self._active = True
         self._all_state = False
         self._had_instance_step = "step" in optimizer.__dict__
@@ -65,15 +74,18 @@ class OptimizerGate:
                     loss = closure()
                 args, kwargs = (), {**kwargs, "closure": lambda: loss}
             flag, gate._flag = gate._flag, None
-            if flag is None or not gate._active:
+            coef, gate._coef = gate._coef, None
+            if not gate._active:
                 return original(*args, **kwargs)
-            if gate.fused and gate._state_ready(opt):
-                return gate._fused_step(original, flag, *args, **kwargs)
-            # Host sync: one scalar per optimizer step, as GradScaler does for
-            # optimizers without found_inf support. Use nonfinite="zero" to avoid it.
-            if bool(flag):
-                return kwargs["closure"]() if "closure" in kwargs else None
-            return original(*args, **kwargs)
+            if flag is not None and not (gate.fused and gate._state_ready(opt)):
+                # Host sync: one scalar per optimizer step, as GradScaler does for
+                # optimizers without found_inf support. nonfinite="zero" avoids it.
+                if bool(flag):
+                    return kwargs["closure"]() if "closure" in kwargs else None
+                flag = None
+            if flag is None and coef is None:
+                return original(*args, **kwargs)
+            return gate._fused_step(original, flag, coef, *args, **kwargs)
 
         step.__name__ = "step"
         step.__doc__ = getattr(original, "__doc__", None)
@@ -88,6 +100,11 @@ class OptimizerGate:
         """Skip the next ``optimizer.step()`` if the 0-dim bool ``flag`` is true."""
         self._flag = flag
 
+    def scale(self, coef: Tensor) -> None:
+        """Have the next (fused) ``optimizer.step()`` multiply the gradients by the
+        0-dim ``coef``, through its ``grad_scale``. Only for ``fused`` gates."""
+        self._coef = coef
+
     def _state_ready(self, opt: torch.optim.Optimizer) -> bool:
         """Whether every parameter about to be stepped already has optimizer state."""
         if self._all_state:
@@ -100,28 +117,43 @@ class OptimizerGate:
             p in state for g in opt.param_groups for p in g["params"] if p.grad is not None
         )
 
-    def _fused_step(self, original: Any, flag: Tensor, *args: Any, **kwargs: Any) -> Any:
+    def _fused_step(self, original: Any, flag: Tensor | None, coef: Tensor | None,
+                    *args: Any, **kwargs: Any) -> Any:
         opt = self.optimizer
-        # GradScaler may have set its own found_inf just before calling step(): merge
-        # ours with a maximum, since fused kernels expect exactly 0 or 1.
-        previous = getattr(opt, "found_inf", None)
-        mine = flag.to(torch.float32)
-        if previous is not None:
-            mine = torch.maximum(previous, mine.to(previous.device))
-        opt.found_inf = mine  # type: ignore[attr-defined]
+        # What GradScaler.step set just before (grad_scale may be set to None), put back
+        # exactly as it was afterwards: GradScaler deletes both attributes itself.
+        saved = {name: opt.__dict__.get(name, _MISSING) for name in ("found_inf", "grad_scale")}
+        if flag is not None:
+            # GradScaler may have set its own found_inf just before calling step():
+            # merge ours with a maximum, since fused kernels expect exactly 0 or 1.
+            mine = flag.to(torch.float32)
+            previous = saved["found_inf"]
+            if isinstance(previous, Tensor):
+                mine = torch.maximum(previous, mine.to(previous.device))
+            opt.found_inf = mine  # type: ignore[attr-defined]
+        if coef is not None:
+            # The kernel divides by grad_scale: a still-scaled GradScaler's scale (None
+            # once unscale_ ran) combines with the clipping coefficient.
+            scale = 1.0 / coef.to(torch.float32)
+            previous = saved["grad_scale"]
+            if isinstance(previous, Tensor):
+                scale = previous * scale.to(previous.device)
+            opt.grad_scale = scale  # type: ignore[attr-defined]
         try:
             return original(*args, **kwargs)
         finally:
-            if previous is None:
-                del opt.found_inf  # type: ignore[attr-defined]
-            else:
-                opt.found_inf = previous  # type: ignore[attr-defined]
+            for name, value in saved.items():
+                if value is _MISSING:
+                    opt.__dict__.pop(name, None)
+                else:
+                    setattr(opt, name, value)
 
     def remove(self) -> None:
         """Stop gating. The optimizer's own ``step`` comes back if nothing wrapped it
         since; otherwise the gate stays in the chain but passes every call through."""
         self._active = False
         self._flag = None
+        self._coef = None
         if self.optimizer.__dict__.get("step") is self._wrapper:
             if self._had_instance_step:
                 self.optimizer.step = self._previous  # type: ignore[method-assign]

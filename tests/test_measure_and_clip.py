@@ -212,3 +212,50 @@ def test_cpu_norms_and_max_abs_of_mixed_sizes_and_shapes(dtype):
     torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=0, equal_nan=True)
     torch.testing.assert_close(max_abs, want_max, rtol=0, atol=0, equal_nan=True)
     assert norms[3].isnan() and norms[4].isinf() and max_abs[3].isnan()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["no-scaler", "grad-scaler"])
+def test_fused_optimizer_applies_the_norm_coefficient_as_clip_grad_norm_would(
+        optimizer, with_scaler):
+    # With a fused optimizer the coefficient rides in its grad_scale instead of a pass
+    # of our own: the parameters (and the gradients after the step) must be exactly
+    # what clip_grad_norm_ followed by the same optimizer gives, from its first step
+    # (no optimizer state yet) on, with and without a GradScaler around it.
+    def make():
+        torch.manual_seed(0)
+        model = mlp()
+        if optimizer == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if with_scaler else None
+        return model, opt, scaler
+
+    model, opt, scaler = make()
+    twin, twin_opt, twin_scaler = make()
+    monitor = gradwatch.attach(model, opt, scaler=scaler, clip="norm", max_norm=0.05,
+                               run_dir=False)
+    assert monitor._gate is not None and monitor._gate.fused
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    for step in range(6):
+        for m, o, s in ((model, opt, scaler), (twin, twin_opt, twin_scaler)):
+            loss = m(x * (step + 1)).square().mean()
+            o.zero_grad()
+            (s.scale(loss) if s is not None else loss).backward()
+            if s is not None:
+                s.unscale_(o)
+            if m is model:
+                result = monitor.step()
+            else:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            if s is not None:
+                s.step(o)
+                s.update()
+            else:
+                o.step()
+        assert result.action == "clip_norm"
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
