@@ -69,7 +69,7 @@ def _count_all_reduces() -> list[int]:
 def train(model: nn.Module, rank: int, world: int, *, steps: int = STEPS, start: int = 0,
           monitor: gradwatch.GradMonitor | None = None, nan_rank: int | None = 1,
           params_full=None, count_collectives: bool = False, outlier: bool = True,
-          nan_via: str = "grad", **attach: Any) -> dict[str, Any]:
+          nan_via: str = "grad", fused: bool = False, **attach: Any) -> dict[str, Any]:
     """SGD on this rank's slice of each global batch; the monitor steps every step.
 
     ``nan_rank``: the rank whose gradients get a NaN at NAN_STEP (``None``: none).
@@ -79,7 +79,10 @@ def train(model: nn.Module, rank: int, world: int, *, steps: int = STEPS, start:
     it goes into the same place of the whole batch or gradient.
     """
     if monitor is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        if fused:  # skip and clipping coefficient ride in found_inf / grad_scale
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
         monitor = gradwatch.attach(model, optimizer, **{**CONFIG, "run_dir": False, **attach})
     optimizer = monitor.optimizer
     calls = _count_all_reduces() if count_collectives else None
@@ -194,6 +197,19 @@ def fsdp2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["norm_mode"] = train(fully_shard(make_model()), rank, world, steps=12,
                              count_collectives=True, clip="norm", max_norm=1.0)["collectives"]
     return out
+
+
+def fsdp2_fused(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return train(model, rank, world, fused=True,
+                 params_full=lambda m: [p.full_tensor().detach().clone()
+                                        for p in m.parameters()])
 
 
 def hsdp(rank: int, world: int, tmp: str) -> dict[str, Any]:

@@ -111,6 +111,17 @@ def test_fsdp2_shards_reduce_to_the_single_process_numbers(tmp_path):
     assert_ranks_agree(r0, r1)
 
 
+def test_fsdp2_with_a_fused_optimizer_skips_and_clips_like_a_single_process(tmp_path):
+    # The skip flag and the clipping coefficient reach a fused AdamW through its
+    # found_inf / grad_scale, on DTensor parameters.
+    r0, r1 = w.spawn(2, "fsdp2_fused", tmp_path)
+    ref = reference(fused=True)
+    for r in (r0, r1):
+        assert_matches_reference(r, ref)
+        assert r["moved"][w.NAN_STEP] == 0.0
+    assert_ranks_agree(r0, r1)
+
+
 def test_hsdp_reduces_over_the_shard_dimension_only(tmp_path):
     r0, r1 = w.spawn(2, "hsdp", tmp_path)
     ref = reference(nan_rank=None, outlier=False)
