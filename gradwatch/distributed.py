@@ -9,7 +9,9 @@ per-layer statistics across ranks.
   can be empty). Per-layer sums of squares, element counts, maxima and presence flags
   are computed on the local shards and combined with two small all-reduces per step
   (one ``SUM`` of ``2L`` values, one ``MAX`` of ``2L`` values, launched together), plus
-  one ``SUM`` of ``L`` post-clip sums in the modes that value-clip. No gradient is ever
+  one ``SUM`` of ``L`` post-clip sums when a layer is value-clipped (on accelerators
+  in ``auto`` and ``value`` modes at every step: the decision is not read there).
+  Whole (replicated) tensors in a sharded model count once, from the group's rank 0. No gradient is ever
   gathered and no collective is issued per tensor. Every rank then holds the same
   numbers and makes the same decision; a NaN on one rank makes the reduced sum NaN
   everywhere, so every rank skips.
@@ -74,23 +76,29 @@ def local(t: Tensor) -> Tensor:
     return inner if inner is not None else t
 
 
-def shard_group(model: nn.Module, params: tuple[nn.Parameter, ...]) -> Any:
-    """The process group across which ``model``'s gradients are sharded, or ``None``
-    when every rank holds whole gradients (single process, DDP).
+def shard_layout(model: nn.Module, params: tuple[nn.Parameter, ...]) -> tuple[Any, tuple[bool, ...]]:
+    """The process group across which ``model``'s gradients are sharded (``None`` when
+    every rank holds whole gradients: single process, DDP, FSDP1 ``NO_SHARD``), and
+    which of ``params`` are shards. The others (``Replicate`` DTensors, plain tensors
+    beside FSDP2 modules) are whole on every rank of the group.
 
     Raises:
         ValueError: a layout gradwatch cannot reduce on its own (FSDP1 without
-            ``use_orig_params=True``, DTensors sharded over several mesh dimensions);
-            the message says to pass ``process_group=`` explicitly.
+            ``use_orig_params=True``, DTensors sharded over several mesh dimensions or
+            over different groups); the message says to pass ``process_group=``.
     """
+    none = (None, (False,) * len(params))
     if not is_initialized():
-        return None
+        return none
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.tensor import DTensor, Shard
 
     groups = []
-    for p in params:
+    sharded = [False] * len(params)
+    for i, p in enumerate(params):
         if isinstance(p, DTensor):
-            dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
             if len(dims) > 1:
                 raise ValueError(
                     f"a parameter is a DTensor sharded over {len(dims)} mesh dimensions "
@@ -100,10 +108,10 @@ def shard_group(model: nn.Module, params: tuple[nn.Parameter, ...]) -> Any:
                 )
             if dims:
                 groups.append(p.device_mesh.get_group(dims[0]))
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
+                sharded[i] = True
+    index = {id(p): i for i, p in enumerate(params)}
     for module in model.modules():
-        if isinstance(module, FSDP):
+        if isinstance(module, FSDP) and module.sharding_strategy != ShardingStrategy.NO_SHARD:
             if not module._use_orig_params:
                 raise ValueError(
                     "model is wrapped in FullyShardedDataParallel with "
@@ -112,8 +120,11 @@ def shard_group(model: nn.Module, params: tuple[nn.Parameter, ...]) -> Any:
                     "use_orig_params=True) to monitor it"
                 )
             groups.append(module.process_group)
+            for q in module.parameters():
+                if id(q) in index:
+                    sharded[index[id(q)]] = True
     if not groups:
-        return None
+        return none
     first = groups[0]
     if any(g is not first for g in groups[1:]):
         raise ValueError(
@@ -121,7 +132,7 @@ def shard_group(model: nn.Module, params: tuple[nn.Parameter, ...]) -> Any:
             "process_group= (the group over which every gradient element lives on "
             "exactly one rank) to gradwatch.attach"
         )
-    return first
+    return first, tuple(sharded)
 
 
 class ShardReducer:
@@ -152,7 +163,7 @@ class ShardReducer:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group, async_op=True).wait()
         return sums
 
-    def layer_numel(self, numel: list[int], device: torch.device) -> list[int]:
-        """Whole-layer element counts from this rank's local counts (at construction)."""
-        t = torch.tensor(numel, dtype=torch.float64, device=device)
+    def total(self, counts: list[int], device: torch.device) -> list[int]:
+        """Sums over the group of this rank's ``counts`` (at construction only)."""
+        t = torch.tensor(counts, dtype=torch.float64, device=device)
         return [int(v) for v in self.sum(t).tolist()]

@@ -145,6 +145,8 @@ class GradPlan:
         layer_present: which layers have at least one gradient, on that device.
         layer_numel: elements of the present gradients per layer, fp32, on that device
             (local elements when gradients are sharded).
+        sum_weight: per present gradient, 1 if its sums count on this rank, else 0
+            (``None``: all count).
     """
 
     positions: tuple[int, ...]
@@ -152,6 +154,7 @@ class GradPlan:
     layer_index: Tensor
     layer_present: Tensor
     layer_numel: Tensor
+    sum_weight: Tensor | None = None
 
     @classmethod
     def build(
@@ -160,18 +163,23 @@ class GradPlan:
         positions: tuple[int, ...],
         grads: list[Tensor],
         device: torch.device,
+        weights: tuple[float, ...] | None = None,
     ) -> GradPlan:
-        """``grads``: the gradients at ``positions`` (their local shards when sharded)."""
+        """``grads``: the gradients at ``positions`` (their local shards when sharded);
+        ``weights``: per parameter, whether its sums count on this rank (0 for a
+        replicated gradient on all but one rank of a sharded group)."""
         layer_ids = [table.param_layer[i] for i in positions]
         numel = [0] * table.num_layers
-        for g, li in zip(grads, layer_ids):
-            numel[li] += g.numel()
+        for i, g, li in zip(positions, grads, layer_ids):
+            numel[li] += g.numel() * (1 if weights is None else int(weights[i]))
         return cls(
             positions=positions,
             groups=group_by_device_and_dtype(grads, device),
             layer_index=to_device(layer_ids, torch.long, device),
             layer_present=to_device([n > 0 for n in numel], torch.bool, device),
             layer_numel=to_device(numel, torch.float32, device),
+            sum_weight=None if weights is None
+            else to_device([weights[i] for i in positions], torch.float32, device),
         )
 
     def matches(self, grads: list[Tensor]) -> bool:

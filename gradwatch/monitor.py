@@ -293,16 +293,19 @@ class GradMonitor:
                 self._gate.remove()
             raise
 
+        self._monitored = {id(p) for p in self.layers.params}
         self._gate = self._make_gate()
         self._record.skip_how = self._skip_description()
         self._attached = True
 
     # ------------------------------------------------------------------ setup
     def _make_reducer(self, process_group: Any) -> dist_utils.ShardReducer | None:
+        params = self.layers.params
+        self._sum_weight: tuple[float, ...] | None = None
         if process_group == "auto":
-            group = dist_utils.shard_group(self.model, self.layers.params)
-        else:
-            group = process_group
+            group, sharded = dist_utils.shard_layout(self.model, params)
+        else:  # the caller's contract: every gradient element lives on one rank of it
+            group, sharded = process_group, (True,) * len(params)
         if group is None or torch.distributed.get_world_size(group) == 1:
             return None
         if self.config.clip == "agc":
@@ -311,16 +314,21 @@ class GradMonitor:
                 "norms need whole parameters; use clip='auto', 'norm' or 'value'"
             )
         reducer = dist_utils.ShardReducer(group)
+        if not all(sharded):
+            # A whole (replicated) gradient is on every rank of the group: its sums
+            # count once, from the group's rank 0.
+            lead = torch.distributed.get_rank(group) == 0
+            self._sum_weight = tuple(1.0 if s or lead else 0.0 for s in sharded)
         # FSDP1 exposes each parameter as this rank's flat slice: the whole parameter's
-        # size is the sum over the group (DTensors already report their global size).
+        # size is the sum over the group (DTensors report their global size). Which
+        # parameters these are is the same on every rank, so all take part or none.
         from torch.distributed.tensor import DTensor
 
-        params = self.layers.params
-        local = [0 if isinstance(p, DTensor) else p.numel() for p in params]
-        if any(local):
-            total = reducer.layer_numel(local, self.device)
-            numel = tuple(p.numel() if isinstance(p, DTensor) else n
-                          for p, n in zip(params, total))
+        flat = [s and not isinstance(p, DTensor) for p, s in zip(params, sharded)]
+        if any(flat):
+            total = reducer.total([p.numel() if f else 0 for p, f in zip(params, flat)],
+                                  self.device)
+            numel = tuple(t if f else p.numel() for p, f, t in zip(params, flat, total))
             self.layers = dataclasses.replace(self.layers, param_numel=numel)
         return reducer
 
@@ -391,7 +399,8 @@ class GradMonitor:
         grads = [local[i] for i in positions]
         plan = self._plans.pop(positions, None)
         if plan is None or not plan.matches(grads):
-            plan = GradPlan.build(self.layers, positions, grads, self.device)
+            plan = GradPlan.build(self.layers, positions, grads, self.device,
+                                  self._sum_weight)
         # Most recently used last; a model whose set of gradients changes every step
         # (routing, dropped layers) keeps a bounded number of plans.
         self._plans[positions] = plan
@@ -437,8 +446,10 @@ class GradMonitor:
         norms, max_abs = F.tensor_norms(grads, plan.groups, dev)
         if not grads:
             norms = max_abs = torch.zeros(0, dtype=torch.float32, device=dev)
-        layer_sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
         layer_max = F.layer_max(max_abs, plan.layer_index, n)
+        if plan.sum_weight is not None:  # replicated tensors count on one rank only
+            norms = norms * plan.sum_weight
+        layer_sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
         present = plan.layer_present
         layer_numel = plan.layer_numel
         if self._reducer is not None:
@@ -539,11 +550,13 @@ class GradMonitor:
             threshold = self._ceiling(threshold)
 
         host = self._host_branches
-        if mode in ("value", "auto") and (not host or bool(value_clipped)):
+        if mode in ("value", "auto") and (not host or bool(value_clipped | nonfinite)):
             F.clamp_(grads, plan.groups, tau.index_select(0, plan.layer_index))
             post_norms, _ = F.tensor_norms(grads, plan.groups, dev, with_max_abs=False)
             if not grads:
                 post_norms = torch.zeros(0, dtype=torch.float32, device=dev)
+            if plan.sum_weight is not None:
+                post_norms = post_norms * plan.sum_weight
             post_sumsq = F.layer_sum_of_squares(post_norms, plan.layer_index, n)
             if self._reducer is not None:
                 post_sumsq = self._reducer.sum(post_sumsq)
@@ -564,7 +577,7 @@ class GradMonitor:
             # Never make a non-finite step worse: NaN * coef is still NaN, but a NaN
             # coefficient would spread it to every finite gradient.
             coef = torch.where(torch.isfinite(coef), coef, 1.0)
-            if self._gate is not None and self._gate.fused:
+            if self._gate is not None and self._gate.can_scale(self._monitored):
                 # The fused optimizer multiplies by coef as it reads each gradient for
                 # its update (grad_scale): no pass of our own.
                 self._gate.scale(coef)
@@ -646,9 +659,11 @@ class GradMonitor:
         if own_nonfinite and self.config.nonfinite == "zero":
             if not self._host_branches or bool(nonfinite):
                 F.zero_where_(grads, nonfinite)  # one extra pass, but no sync for any optimizer
-        if self._gate is not None:
-            skip = skip_z | nonfinite if own_nonfinite and self.config.nonfinite == "skip" else skip_z
-            self._gate.arm(skip)
+        own_skip = own_nonfinite and self.config.nonfinite == "skip"
+        if self._gate is not None and (own_skip or self.config.skip_threshold is not None):
+            # (A gate made only to carry the clipping coefficient arms no flag, so a
+            # fused optimizer's first step does not read one on the host.)
+            self._gate.arm(skip_z | nonfinite if own_skip else skip_z)
 
     def _check_scaler_stage(self) -> None:
         if self.scaler is None or self.optimizer is None or self._warned_scaled:

@@ -60,6 +60,10 @@ class OptimizerGate:
         self._active = True
         self._all_state = False
         self._had_instance_step = "step" in optimizer.__dict__
+        # Gates on one optimizer (one per monitor): grad_scale is optimizer-wide, so
+        # only a sole gate may use it.
+        optimizer.__dict__.setdefault("_gradwatch_gates", []).append(self)
+        self._scale_checked: tuple[int, bool] | None = None
         self._previous = optimizer.step
         original = optimizer.step  # bound (or an earlier wrapper): called as it is
         gate = self
@@ -99,6 +103,20 @@ class OptimizerGate:
     def arm(self, flag: Tensor) -> None:
         """Skip the next ``optimizer.step()`` if the 0-dim bool ``flag`` is true."""
         self._flag = flag
+
+    def can_scale(self, monitored: set[int]) -> bool:
+        """Whether the coefficient may ride in ``grad_scale``: a fused optimizer that
+        steps only monitored parameters (``grad_scale`` applies to every parameter it
+        steps) and no other monitor's gate on it. Re-checked when the optimizer's
+        parameters change (``add_param_group``)."""
+        if not self.fused:
+            return False
+        opt = self.optimizer
+        count = sum(len(g["params"]) for g in opt.param_groups)
+        if self._scale_checked is None or self._scale_checked[0] != count:
+            ok = all(id(p) in monitored for g in opt.param_groups for p in g["params"])
+            self._scale_checked = (count, ok)
+        return self._scale_checked[1] and len(opt.__dict__.get("_gradwatch_gates", ())) == 1
 
     def scale(self, coef: Tensor) -> None:
         """Have the next (fused) ``optimizer.step()`` multiply the gradients by the
@@ -154,6 +172,9 @@ class OptimizerGate:
         self._active = False
         self._flag = None
         self._coef = None
+        gates = self.optimizer.__dict__.get("_gradwatch_gates", [])
+        if self in gates:
+            gates.remove(self)
         if self.optimizer.__dict__.get("step") is self._wrapper:
             if self._had_instance_step:
                 self.optimizer.step = self._previous  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ reference) runs, so the only difference between them is how the model is wrapped
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from typing import Any
@@ -69,7 +70,8 @@ def _count_all_reduces() -> list[int]:
 def train(model: nn.Module, rank: int, world: int, *, steps: int = STEPS, start: int = 0,
           monitor: gradwatch.GradMonitor | None = None, nan_rank: int | None = 1,
           params_full=None, count_collectives: bool = False, outlier: bool = True,
-          nan_via: str = "grad", fused: bool = False, **attach: Any) -> dict[str, Any]:
+          nan_via: str = "grad", fused: bool = False, host_branches: bool = True,
+          **attach: Any) -> dict[str, Any]:
     """SGD on this rank's slice of each global batch; the monitor steps every step.
 
     ``nan_rank``: the rank whose gradients get a NaN at NAN_STEP (``None``: none).
@@ -84,6 +86,8 @@ def train(model: nn.Module, rank: int, world: int, *, steps: int = STEPS, start:
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
         monitor = gradwatch.attach(model, optimizer, **{**CONFIG, "run_dir": False, **attach})
+    # False: the accelerator path (no decision read on the host) on these CPU tensors.
+    monitor._host_branches = host_branches
     optimizer = monitor.optimizer
     calls = _count_all_reduces() if count_collectives else None
     per_step_calls = []
@@ -196,6 +200,10 @@ def fsdp2(rank: int, world: int, tmp: str) -> dict[str, Any]:
         out["agc_error"] = str(err)
     out["norm_mode"] = train(fully_shard(make_model()), rank, world, steps=12,
                              count_collectives=True, clip="norm", max_norm=1.0)["collectives"]
+    device_path = make_model()
+    fully_shard(device_path)
+    out["device_path"] = train(device_path, rank, world, count_collectives=True,
+                               host_branches=False)
     return out
 
 
@@ -227,15 +235,61 @@ def hsdp(rank: int, world: int, tmp: str) -> dict[str, Any]:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         out[shape] = train(model, rank, world, count_collectives=True, outlier=False,
-                           nan_rank=None)
+                           nan_rank=None, params_full=lambda m: [
+                               p.full_tensor().detach().clone() for p in m.parameters()])
     return out
 
 
 def fsdp1(rank: int, world: int, tmp: str) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    from torch.distributed.fsdp import ShardingStrategy
+
+    def full(m):
+        with FSDP.summon_full_params(m):
+            return [p.detach().clone() for p in m.parameters()]
+
     model = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"))
-    return train(model, rank, world, nan_rank=None, outlier=False)
+    out = train(model, rank, world, nan_rank=None, outlier=False, params_full=full,
+                count_collectives=True)
+    # NO_SHARD: whole, averaged gradients on every rank, like DDP: nothing to reduce.
+    model = FSDP(make_model(), use_orig_params=True, device_id=torch.device("cpu"),
+                 sharding_strategy=ShardingStrategy.NO_SHARD)
+    out["no_shard"] = train(model, rank, world, nan_rank=None, outlier=False,
+                            params_full=full, count_collectives=True)
+    # A one-element parameter: rank 1's flat shard is all padding (no elements at all).
+    # Attaching takes part in the same collectives on every rank (no hang).
+    tiny = FSDP(nn.Linear(1, 1, bias=False), use_orig_params=True,
+                device_id=torch.device("cpu"))
+    monitor = gradwatch.attach(tiny, None, run_dir=False)
+    tiny(torch.ones(2, 1)).sum().backward()
+    out["tiny_norm"] = monitor.step().global_norm
+    out["tiny_numel"] = monitor.layers.describe()[0]["numel"]
+    return out
+
+
+def replicated(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """DTensor parameters, one Shard(0) and one Replicate(), on one mesh: the replicated
+    gradient is whole on every rank and must count once."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    w_grad, b_grad = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    module = nn.Linear(3, 4)
+    module.weight = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+    module.bias = nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
+    module.weight.grad = distribute_tensor(w_grad, mesh, [Shard(0)])
+    module.bias.grad = distribute_tensor(b_grad, mesh, [Replicate()])
+    monitor = gradwatch.attach(module, None, run_dir=False, granularity="parameter")
+    result = monitor.step()
+    layers = monitor.history().set_index("layer")
+    return {"global": result.global_norm, "weight": float(layers.loc["weight", "grad_norm"]),
+            "bias": float(layers.loc["bias", "grad_norm"]),
+            "true": [float(w_grad.norm()), float(b_grad.norm()),
+                     float(torch.cat([w_grad.flatten(), b_grad]).norm())],
+            "numel": [r["numel"] for r in monitor.layers.describe()]}
 
 
 # ---------------------------------------------------------------------- spawning
@@ -247,7 +301,9 @@ def _free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, name: str, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A short timeout: a collective that one rank never joins fails the test quickly.
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         result = globals()[name](rank, world, tmp)
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))

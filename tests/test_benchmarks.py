@@ -31,6 +31,7 @@ def test_reference_models_have_the_advertised_size(name):
 def test_every_variant_trains_and_the_table_has_every_ratio(tmp_path, monkeypatch):
     pytest.importorskip("zclip")
     pytest.importorskip("autoclip")
+    pytest.importorskip("wandb")
     monkeypatch.setenv("GRADWATCH_BENCH_DIR", str(tmp_path))
     res = step_bench.bench("many_small", step_bench.VARIANTS, torch.device("cpu"), rounds=1,
                            steps=1, warmup=2)

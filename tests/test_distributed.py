@@ -103,9 +103,14 @@ def test_fsdp2_shards_reduce_to_the_single_process_numbers(tmp_path):
         # The NaN sits in rank 1's shard only, yet both ranks skip the step.
         assert r["steps"].set_index("step").action[w.NAN_STEP] == "skip"
         assert r["moved"][w.NAN_STEP] == 0.0
-        # Per step: one SUM and one MAX all-reduce of 2L values, and in auto mode one
-        # SUM of the L post-value-clip sums. Never one per tensor.
-        assert r["collectives"] == [3] * w.STEPS
+        # Per step: one SUM and one MAX all-reduce of 2L values, and one SUM of the L
+        # post-value-clip sums where a layer is value-clipped or a value non-finite (on
+        # the CPU the decision is read; on accelerators it runs at every step). Never
+        # one per tensor.
+        assert r["collectives"] == [3 if s in (w.OUTLIER_STEP, w.NAN_STEP) else 2
+                                    for s in range(w.STEPS)]
+        assert r["device_path"]["collectives"] == [3] * w.STEPS
+        assert list(r["device_path"]["steps"].action) == list(ref["steps"].action)
         assert r["norm_mode"] == [2] * 12
         assert "clip='agc' is not supported with sharded gradients" in r["agc_error"]
     assert_ranks_agree(r0, r1)
@@ -126,8 +131,8 @@ def test_hsdp_reduces_over_the_shard_dimension_only(tmp_path):
     r0, r1 = w.spawn(2, "hsdp", tmp_path)
     ref = reference(nan_rank=None, outlier=False)
     for r in (r0, r1):
-        for shape, collectives in (((1, 2), 3), ((2, 1), 0)):
-            assert_matches_reference({**r[shape], "params": ref["params"]}, ref)
+        for shape, collectives in (((1, 2), 2), ((2, 1), 0)):
+            assert_matches_reference(r[shape], ref)
             assert r[shape]["collectives"] == [collectives] * w.STEPS, shape
     for shape in ((1, 2), (2, 1)):
         assert_ranks_agree(r0[shape], r1[shape])
@@ -137,8 +142,22 @@ def test_fsdp1_flat_shards_reduce_to_the_single_process_numbers(tmp_path):
     r0, r1 = w.spawn(2, "fsdp1", tmp_path)
     ref = reference(nan_rank=None, outlier=False)
     for r in (r0, r1):
-        assert_matches_reference({**r, "params": ref["params"]}, ref)
+        assert_matches_reference(r, ref)
+        assert r["collectives"] == [2] * w.STEPS
+        # NO_SHARD holds whole gradients: nothing is reduced, nothing counted twice.
+        assert_matches_reference(r["no_shard"], ref)
+        assert r["no_shard"]["collectives"] == [0] * w.STEPS
+        assert r["tiny_numel"] == 1 and r["tiny_norm"] == pytest.approx(2.0)
     assert_ranks_agree(r0, r1)
+
+
+def test_a_replicated_gradient_beside_shards_counts_once(tmp_path):
+    for r in w.spawn(2, "replicated", tmp_path):
+        weight, bias, total = r["true"]
+        assert r["weight"] == pytest.approx(weight, rel=RTOL)
+        assert r["bias"] == pytest.approx(bias, rel=RTOL)
+        assert r["global"] == pytest.approx(total, rel=RTOL)
+        assert r["numel"] == [12, 4]
 
 
 def test_only_rank_0_records_and_reports(tmp_path):

@@ -259,3 +259,24 @@ def test_fused_optimizer_applies_the_norm_coefficient_as_clip_grad_norm_would(
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)
         assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_fused_optimizer_with_parameters_outside_the_monitor_keeps_them_unclipped():
+    # grad_scale applies to everything the optimizer steps: when it also steps
+    # parameters the monitor does not watch (or a second monitor shares it), the
+    # coefficient must not reach them, so the monitor scales its own gradients instead.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    monitor = gradwatch.attach(model[0], opt, clip="norm", max_norm=1e-3, run_dir=False)
+    model(torch.randn(4, 8)).square().sum().backward()
+    decoder_grad = model[1].weight.grad.clone()
+    encoder_grad = model[0].weight.grad.clone()
+    before = model[1].weight.detach().clone()
+    monitor.step()
+    opt.step()
+    torch.testing.assert_close(model[1].weight, before - 0.1 * decoder_grad)
+    clipped = torch.cat([p.grad.flatten() for p in model[0].parameters()])
+    assert clipped.norm() == pytest.approx(1e-3, rel=1e-4)
+    assert encoder_grad.norm() > 1e-2
+    assert not hasattr(opt, "grad_scale")
