@@ -1,0 +1,112 @@
+"""The gradient-clipping methods compared in the efficacy experiments, behind one
+interface: ``hook = make(method, model, optimizer)``; call ``hook()`` between
+``backward()`` and ``optimizer.step()``. Every hook records, per step, the global
+gradient norm before and after it, so "clipped" and "flagged" mean the same thing
+for every method:
+
+* clipped: the hook made the gradient smaller (or skipped the step);
+* flagged: the method itself called the step anomalous. For gradwatch, its events
+  (explosion, nonfinite); for ZClip, a clip after its warm-up (it clips only on a
+  z-score above its threshold); for AutoClip, a norm above its running quantile; fixed
+  clipping flags nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+METHODS = ("none", "value", "norm", "zclip", "autoclip", "gradwatch")
+
+
+def global_norm(model: nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+@dataclass
+class Hook:
+    name: str
+    fn: Any
+    pre: list[float] = field(default_factory=list)
+    post: list[float] = field(default_factory=list)
+    flagged_steps: set[int] = field(default_factory=set)
+    monitor: Any = None
+    step: int = 0
+
+    def __call__(self, model: nn.Module) -> None:
+        before = global_norm(model)
+        self.fn()
+        after = global_norm(model)
+        self.pre.append(before)
+        self.post.append(after)
+        self.step += 1
+
+    def clipped(self) -> list[bool]:
+        if self.monitor is not None:  # clipped or skipped, as the monitor recorded it
+            return list(self.monitor.steps().action != "none")
+        return [
+            (math.isfinite(a) and math.isfinite(b) and b < a * (1 - 1e-6))
+            or (not math.isfinite(a) and math.isfinite(b))
+            for a, b in zip(self.pre, self.post)
+        ]
+
+    def flagged(self) -> set[int]:
+        if self.monitor is not None:
+            events = self.monitor.events()
+            return set(int(s) for s in events.step)
+        return set(self.flagged_steps)
+
+
+def make(method: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+         threshold: float | None = None, **options: Any) -> Hook:
+    """A hook for ``method`` (``threshold`` for "value" and "norm")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "none":
+        return Hook(method, lambda: None)
+    if method == "value":
+        return Hook(f"value({threshold:g})",
+                    lambda: torch.nn.utils.clip_grad_value_(params, threshold))
+    if method == "norm":
+        return Hook(f"norm({threshold:g})",
+                    lambda: torch.nn.utils.clip_grad_norm_(params, threshold))
+    if method == "zclip":
+        from zclip import ZClip
+
+        zc = ZClip(**options)
+        hook = Hook("zclip", None)
+
+        def run() -> None:
+            n = global_norm(model)
+            zc.step(model)
+            if zc.initialized and hook.step >= zc.warmup_steps and global_norm(model) < n:
+                hook.flagged_steps.add(hook.step)
+
+        hook.fn = run
+        return hook
+    if method == "autoclip":
+        from autoclip.torch import QuantileClip
+
+        qc = QuantileClip(model.parameters(), quantile=0.9, history_length=1000,
+                          global_threshold=True)
+        hook = Hook("autoclip", None)
+
+        def run() -> None:
+            n = global_norm(model)
+            qc.step()
+            if global_norm(model) < n * (1 - 1e-6):
+                hook.flagged_steps.add(hook.step)
+
+        hook.fn = run
+        return hook
+    if method == "gradwatch":
+        import gradwatch
+
+        monitor = gradwatch.attach(model, optimizer, run_dir=options.pop("run_dir", False),
+                                   **options)
+        return Hook("gradwatch", monitor.step, monitor=monitor)
+    raise ValueError(f"method={method!r}: one of {METHODS}")
