@@ -125,6 +125,9 @@ class OptimizerGate:
 
     def _state_ready(self, opt: torch.optim.Optimizer) -> bool:
         """Whether every parameter about to be stepped already has optimizer state."""
+        num_params = sum(len(g["params"]) for g in opt.param_groups)
+        if num_params != self._num_params:  # add_param_group: new parameters, no state
+            self._num_params, self._all_state = num_params, False
         if self._all_state:
             return True
         if len(opt.state) >= self._num_params:

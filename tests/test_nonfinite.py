@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from helpers import GradStream, mlp
 
 import gradwatch
@@ -232,3 +233,30 @@ def test_skip_works_when_the_optimizer_runs_a_closure(fused):
     assert torch.isfinite(loss)  # the closure's loss is still returned
     opt.step(make_closure(False))
     assert not torch.equal(before[0][0], next(model.parameters()))
+
+
+def test_fused_skip_after_add_param_group_leaves_the_new_parameters_untouched():
+    # A fused optimizer creates state even on a skipped step (fused SGD's momentum from
+    # uninitialised memory): parameters added later must get the host-checked skip
+    # until they have state, like the first ones did.
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.Sequential(a, b)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, fused=True)
+    monitor = gradwatch.attach(model, opt, run_dir=False)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        monitor.step()
+        opt.step()
+    opt.add_param_group({"params": list(b.parameters())})
+    before = [p.detach().clone() for p in b.parameters()]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    b.weight.grad[0, 0] = float("nan")
+    assert monitor.step().action == "skip"
+    opt.step()
+    for p, q in zip(b.parameters(), before):
+        torch.testing.assert_close(p, q)
+    assert all(p not in opt.state for p in b.parameters())
