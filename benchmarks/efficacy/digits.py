@@ -39,26 +39,12 @@ SETTINGS = [("raw inputs", False, 0.05), ("normalised inputs", True, 0.3)]
 
 
 def load(normalise: bool):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    if normalise:
-        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    return x[order[:1400]], y[order[:1400]], x[order[1400:]], y[order[1400:]]
+    return M.load_digits(normalise)
 
 
 def run(data, spec, seed: int, lr: float) -> dict:
-    method, opts = spec
     x_tr, y_tr, x_te, y_te = data
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    hook = M.make(method, model, opt, **opts)
-    g = torch.Generator().manual_seed(seed)
+    model, opt, hook, g = M.setup(spec, seed, 256, lr)
     for _ in range(STEPS):
         idx = torch.randint(0, len(x_tr), (32,), generator=g)
         loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
@@ -66,15 +52,10 @@ def run(data, spec, seed: int, lr: float) -> dict:
         loss.backward()
         hook(model)
         opt.step()
-    with torch.no_grad():
-        logits = model(x_te)
-        test_loss = float(nn.functional.cross_entropy(logits, y_te))
-        acc = float((logits.argmax(1) == y_te).float().mean())
+    test_loss, acc = M.evaluate(model, x_te, y_te)
+    clipped = hook.clipped()
     if hook.monitor is not None:
-        clipped = hook.clipped()
         hook.monitor.detach()
-    else:
-        clipped = hook.clipped()
     return {"name": hook.name, "accuracy": acc if math.isfinite(test_loss) else 0.0,
             "diverged": not math.isfinite(test_loss) or acc < 0.2,
             "clipped": sum(clipped) / STEPS}

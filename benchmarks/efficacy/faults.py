@@ -49,15 +49,7 @@ WINDOW = 3
 
 
 def load():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    tr, te = order[:1400], order[1400:]
-    return x[tr], y[tr], x[te], y[te]
+    return M.load_digits(normalise=True)
 
 
 METHOD_SPECS = [
@@ -71,14 +63,8 @@ METHOD_SPECS = [
 
 def run(data, spec, seed: int, kind: str | None) -> dict:
     """Train one model with ``spec``'s method; ``kind``: the fault stream (None: clean)."""
-    method, opts = spec
     x_tr, y_tr, x_te, y_te = data
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    hook = M.make(method, model, opt, **opts)
-    g = torch.Generator().manual_seed(seed)
+    model, opt, hook, g = M.setup(spec, seed, 128, LR)
     faults = dict(KINDS[kind]) if kind else {}
     for step in range(STEPS):
         idx = torch.randint(0, len(x_tr), (32,), generator=g)
@@ -106,10 +92,7 @@ def run(data, spec, seed: int, kind: str | None) -> dict:
         loss.backward()
         hook(model)
         opt.step()
-    with torch.no_grad():
-        logits = model(x_te)
-        test_loss = float(nn.functional.cross_entropy(logits, y_te))
-        acc = float((logits.argmax(1) == y_te).float().mean())
+    test_loss, acc = M.evaluate(model, x_te, y_te)
     out = {"test_loss": test_loss, "accuracy": acc, "flagged": hook.flagged(),
            "clipped": hook.clipped(), "name": hook.name}
     if hook.monitor is not None:

@@ -23,6 +23,39 @@ from torch import nn
 METHODS = ("none", "value", "norm", "zclip", "autoclip", "gradwatch")
 
 
+def load_digits(normalise: bool):
+    """scikit-learn's bundled digits as (x_train, y_train, x_test, y_test), split 1400
+    / 397 the same way every time; ``normalise``: per-pixel standardisation."""
+    from sklearn.datasets import load_digits as load
+
+    d = load()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    if normalise:
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = torch.tensor(d.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+    return x[order[:1400]], y[order[:1400]], x[order[1400:]], y[order[1400:]]
+
+
+def setup(spec: tuple[str, dict], seed: int, width: int, lr: float):
+    """A digits MLP (64-width-width-10), SGD with momentum 0.9, the method's hook and the
+    batch generator, all seeded by ``seed``."""
+    method, opts = spec
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return model, opt, make(method, model, opt, **opts), torch.Generator().manual_seed(seed)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(test loss, accuracy)."""
+    with torch.no_grad():
+        logits = model(x)
+        return (float(nn.functional.cross_entropy(logits, y)),
+                float((logits.argmax(1) == y).float().mean()))
+
+
 def global_norm(model: nn.Module) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
