@@ -139,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  step {ev.step:4d} {ev.kind:11s} {ev.action:10s} layer {ev.layer}: {ev.reason}")
     steps = monitor.steps()
     clipped = steps[steps["action"] != "none"]
+    cap = monitor.config.max_ratio
     print(f"Steps it clipped ({len(clipped)}; a norm more than {monitor.config.clip_z:g} "
-          f"standard deviations above its running log-mean for the model, "
-          f"{monitor.layer_clip_z:.2f} for a layer, is scaled back to that boundary):")
+          f"standard deviations above its running log-mean for the model"
+          + (f" or more than {cap:g}x its typical norm" if cap else "")
+          + f", {monitor.layer_clip_z:.2f} deviations for a layer, is scaled back to that "
+          "boundary):")
     for row in clipped.head(10).itertuples():
         print(f"  step {row.step:4d} {row.action:10s} norm {row.global_norm:8.3g} -> "
               f"{row.clipped_norm:8.3g} (typical {row.typical_norm:.3g}, z={row.z:+.1f})")

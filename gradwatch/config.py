@@ -62,6 +62,14 @@ class MonitorConfig:
     trimmed quietly, a large one is also reported as an explosion. Like
     ``z_threshold``, it is raised for layers by the number of layers (Bonferroni)."""
 
+    max_ratio: float | None = 2.0
+    """Adaptive modes: a norm threshold is at most this multiple of the typical norm
+    (the running geometric mean), and values fed to the statistics are winsorised at
+    the same boundary. Where normal norms are heavy-tailed or rise step after step (a
+    learning rate too high, or blowing up), ``clip_z`` deviations of the log norm would
+    let the threshold climb with the norm; this keeps it anchored. ``None``: thresholds
+    from ``clip_z`` alone."""
+
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many
     standard deviations above its normal is treated as an outlier in a few
@@ -154,6 +162,14 @@ class MonitorConfig:
         _positive("z_threshold", self.z_threshold)
         _positive("clip_z", self.clip_z)
         _positive("concentration_z", self.concentration_z)
+        if self.max_ratio is not None and (
+            not _is_real(self.max_ratio) or not math.isfinite(self.max_ratio)
+            or self.max_ratio <= 1
+        ):
+            raise ValueError(
+                f"max_ratio={self.max_ratio!r} must be a finite number > 1 (a multiple of "
+                "the typical norm), or None to set thresholds from clip_z alone"
+            )
         if self.skip_threshold is not None:
             _positive("skip_threshold", self.skip_threshold)
             if self.skip_threshold <= self.z_threshold:

@@ -489,9 +489,15 @@ class GradMonitor:
         flagged = norm_z > self._z_event
         explosion = flagged.any()
         anomalous = norm_z > self._z_clip[: n + 1]
-        norm_thr = torch.where(
-            warm[: n + 1], (mean[: n + 1] + self._z_clip[: n + 1] * std[: n + 1]).exp(), math.inf
-        )
+        # How far above its typical (log) value a norm may go before it is clipped, and
+        # how far a value fed to the statistics may be from it: clip_z deviations, but
+        # at most max_ratio times the typical norm, so a heavy-tailed or steadily rising
+        # norm cannot drag its own threshold up.
+        bound = self._z_clip * std
+        if cfg.max_ratio is not None:
+            bound = torch.cat([bound[:1].clamp(max=math.log(cfg.max_ratio)), bound[1:]])
+            anomalous = anomalous | (warm[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1]))
+        norm_thr = torch.where(warm[: n + 1], (mean[: n + 1] + bound[: n + 1]).exp(), math.inf)
         conc_z = z[2 * n + 1 :]
         concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
 
@@ -603,7 +609,6 @@ class GradMonitor:
         # 4. Robust statistics update: winsorise at the clipping boundary, so a spike
         # is fed back as the clipped value and cannot drag the statistics along.
         robust = count >= min(_ROBUST_AFTER, cfg.warmup_steps)
-        bound = self._z_clip * std
         fed = torch.where(robust, torch.clamp(x, mean - bound, mean + bound), x)
         update = valid & ~nonfinite
         self._stats.update(fed, update)

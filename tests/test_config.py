@@ -97,3 +97,9 @@ def test_to_dict_round_trips():
     assert MonitorConfig.from_dict(d) == cfg
     with pytest.raises(ValueError, match=r"unknown MonitorConfig field\(s\) \['bogus'\]"):
         MonitorConfig.from_dict({**d, "bogus": 1})
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, float("inf"), "2"])
+def test_max_ratio_must_be_a_multiple_above_one(value):
+    with pytest.raises(ValueError, match=r"max_ratio=.* must be a finite number > 1"):
+        gradwatch.MonitorConfig(max_ratio=value)

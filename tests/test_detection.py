@@ -180,3 +180,29 @@ def test_skip_threshold_skips_catastrophic_spike():
     stream.write(diffuse={"2": 3.0})
     result = monitor.step()
     assert result.explosion and result.action == "clip_norm"
+
+
+def test_a_steady_rise_cannot_drag_the_threshold_up_with_it():
+    # A learning rate blowing up: every step's norm is 12% above the last, each step
+    # only mildly anomalous (z about 2), so clip_z deviations alone would follow it up.
+    # max_ratio anchors the threshold to the typical norm and the statistics with it;
+    # None shows what happens without.
+    def run(max_ratio):
+        torch.manual_seed(0)
+        model = mlp()
+        monitor = gradwatch.attach(model, run_dir=False, max_ratio=max_ratio, warmup_steps=20)
+        stream = GradStream(model, sigma=0.3)
+        for t in range(100):
+            growth = 1.12 ** max(0, t - 60)
+            stream.write(diffuse={m: growth for m in ("0", "2", "4")})
+            monitor.step()
+        return monitor.steps().set_index("step")
+
+    anchored, free = run(2.0), run(None)
+    rise = slice(80, 99)
+    assert (anchored.loc[rise, "action"] == "clip_norm").all()
+    assert (anchored.loc[rise, "clipped_norm"] <= 2.0 * anchored.loc[rise, "typical_norm"] * 1.0001).all()
+    assert anchored.loc[99, "typical_norm"] < 2 * anchored.loc[60, "typical_norm"]
+    # Without the anchor the threshold climbs with the norm, and most rising steps pass.
+    assert free.loc[99, "threshold"] > 5 * free.loc[60, "threshold"]
+    assert (free.loc[rise, "action"] == "none").sum() > 5
