@@ -11,10 +11,10 @@ per-layer statistics across ranks.
   (one ``SUM`` of ``2L`` values, one ``MAX`` of ``2L`` values, launched together), plus
   one ``SUM`` of ``L`` post-clip sums when a layer is value-clipped (on accelerators
   in ``auto`` and ``value`` modes at every step: the decision is not read there).
-  Whole (replicated) tensors in a sharded model count once, from the group's rank 0. No gradient is ever
-  gathered and no collective is issued per tensor. Every rank then holds the same
-  numbers and makes the same decision; a NaN on one rank makes the reduced sum NaN
-  everywhere, so every rank skips.
+  Whole (replicated) tensors in a sharded model count once, from the group's rank 0.
+  No gradient is ever gathered and no collective is issued per tensor. Every rank
+  then holds the same numbers and makes the same decision; a NaN on one rank makes
+  the reduced sum NaN everywhere, so every rank skips.
 
 ``torch.distributed`` is imported only when it is initialised; a single-process run
 never touches it.
@@ -76,7 +76,9 @@ def local(t: Tensor) -> Tensor:
     return inner if inner is not None else t
 
 
-def shard_layout(model: nn.Module, params: tuple[nn.Parameter, ...]) -> tuple[Any, tuple[bool, ...]]:
+def shard_layout(
+    model: nn.Module, params: tuple[nn.Parameter, ...]
+) -> tuple[Any, tuple[bool, ...]]:
     """The process group across which ``model``'s gradients are sharded (``None`` when
     every rank holds whole gradients: single process, DDP, FSDP1 ``NO_SHARD``), and
     which of ``params`` are shards. The others (``Replicate`` DTensors, plain tensors

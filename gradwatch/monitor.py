@@ -244,6 +244,7 @@ class GradMonitor:
         devices = [p.device for p in self.layers.params]
         self.device = next((d for d in devices if d.type != "cpu"), devices[0])
         self._reducer = self._make_reducer(process_group)
+        self._dtensors = any(hasattr(p, "_local_tensor") for p in self.layers.params)
         # CPU: branch on decision flags to skip passes that would change nothing
         # (a host read there is free); accelerators never read on the step.
         self._host_branches = self.device.type == "cpu"
@@ -392,9 +393,11 @@ class GradMonitor:
     def _plan(self) -> tuple[GradPlan, list[Tensor]]:
         # Sharded (FSDP) gradients are read through their local shards. Empty gradients
         # (and empty shards) carry no information, and some reductions reject them.
-        local = [
-            None if p.grad is None else dist_utils.local(p.grad) for p in self.layers.params
-        ]
+        params = self.layers.params
+        if self._dtensors:
+            local = [None if p.grad is None else dist_utils.local(p.grad) for p in params]
+        else:
+            local = [p.grad for p in params]
         positions = tuple(i for i, g in enumerate(local) if g is not None and g.numel() > 0)
         grads = [local[i] for i in positions]
         plan = self._plans.pop(positions, None)
@@ -488,7 +491,6 @@ class GradMonitor:
         # chance that a normal step is flagged does not grow with depth.
         flagged = norm_z > self._z_event
         explosion = flagged.any()
-        anomalous = norm_z > self._z_clip[: n + 1]
         # How far above its typical (log) value a norm may go before it is clipped, and
         # how far a value fed to the statistics may be from it: clip_z deviations, but
         # at most max_ratio times the typical norm, so a heavy-tailed or steadily rising
@@ -496,7 +498,8 @@ class GradMonitor:
         bound = self._z_clip * std
         if cfg.max_ratio is not None:
             bound = torch.cat([bound[:1].clamp(max=math.log(cfg.max_ratio)), bound[1:]])
-            anomalous = anomalous | (warm[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1]))
+        # Beyond that boundary a norm is anomalous (and clipped back to it).
+        anomalous = scored[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1])
         norm_thr = torch.where(warm[: n + 1], (mean[: n + 1] + bound[: n + 1]).exp(), math.inf)
         conc_z = z[2 * n + 1 :]
         concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
