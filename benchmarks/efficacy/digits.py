@@ -31,9 +31,11 @@ SPECS = [
     ("norm", {"threshold": 0.5}),
     ("norm", {"threshold": 1.0}),
     ("norm", {"threshold": 5.0}),
-    ("zclip", {}),
+    ("zclip", {}),  # ZClip's defaults, which include a fixed ceiling max_grad_norm=1.0
+    ("zclip", {"max_grad_norm": None}),  # its adaptive rule alone
     ("autoclip", {}),
     ("gradwatch", {}),
+    ("gradwatch", {"max_norm": 1.0}),  # with the same ceiling as ZClip's default
 ]
 SETTINGS = [("raw inputs", False, 0.05), ("normalised inputs", True, 0.3)]
 

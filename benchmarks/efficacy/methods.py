@@ -6,8 +6,8 @@ for every method:
 
 * clipped: the hook made the gradient smaller (or skipped the step);
 * flagged: the method itself called the step anomalous. For gradwatch, its events
-  (explosion, nonfinite); for ZClip, a clip after its warm-up (it clips only on a
-  z-score above its threshold); for AutoClip, a norm above its running quantile; fixed
+  (explosion, nonfinite); for ZClip, its z-score rule firing after its warm-up (not
+  a clip by its fixed ``max_grad_norm`` ceiling); for AutoClip, a norm above its running quantile; fixed
   clipping flags nothing.
 """
 
@@ -111,13 +111,20 @@ def make(method: str, model: nn.Module, optimizer: torch.optim.Optimizer,
         from zclip import ZClip
 
         zc = ZClip(**options)
-        hook = Hook("zclip", None)
+        # ZClip's default max_grad_norm=1.0 is a fixed ceiling applied at every step
+        # (min with its adaptive threshold), not only during its warm-up.
+        name = "zclip" if zc.max_grad_norm == 1.0 else (
+            "zclip(no ceiling)" if zc.max_grad_norm is None else f"zclip({zc.max_grad_norm:g})")
+        hook = Hook(name, None)
 
         def run() -> None:
-            n = global_norm(model)
+            # Flagged: ZClip's own anomaly rule (z above its threshold) fired, not a
+            # clip by its fixed ceiling. Read before step(), which updates its EMA.
+            if zc.initialized:
+                n = global_norm(model)
+                if math.isfinite(n) and zc._compute_clip_val(n) is not None:
+                    hook.flagged_steps.add(hook.step)
             zc.step(model)
-            if zc.initialized and hook.step >= zc.warmup_steps and global_norm(model) < n:
-                hook.flagged_steps.add(hook.step)
 
         hook.fn = run
         return hook
@@ -139,7 +146,9 @@ def make(method: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     if method == "gradwatch":
         import gradwatch
 
+        name = "gradwatch" + "".join(f"({k}={v:g})" for k, v in options.items()
+                                     if k != "run_dir")
         monitor = gradwatch.attach(model, optimizer, run_dir=options.pop("run_dir", False),
                                    **options)
-        return Hook("gradwatch", monitor.step, monitor=monitor)
+        return Hook(name, monitor.step, monitor=monitor)
     raise ValueError(f"method={method!r}: one of {METHODS}")
