@@ -67,8 +67,11 @@ class MonitorConfig:
     (the running geometric mean), and values fed to the statistics are winsorised at
     the same boundary. Where normal norms are heavy-tailed or rise step after step (a
     learning rate too high, or blowing up), ``clip_z`` deviations of the log norm would
-    let the threshold climb with the norm; this keeps it anchored. ``None``: thresholds
-    from ``clip_z`` alone."""
+    let the threshold climb with the norm; this keeps it anchored. It also protects
+    the warm-up: from the second step on, before a deviation is known, the model's norm
+    is clipped at this multiple of its running typical value (and fed to the
+    statistics clipped), so a run that blows up in its first steps is held to their
+    scale. ``None``: thresholds from ``clip_z`` alone, none during warm-up."""
 
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many

@@ -496,11 +496,22 @@ class GradMonitor:
         # at most max_ratio times the typical norm, so a heavy-tailed or steadily rising
         # norm cannot drag its own threshold up.
         bound = self._z_clip * std
+        # Channels whose boundary applies: warmed up; with max_ratio, the model's from
+        # its second step on. Until its deviation is known, the model's boundary is
+        # max_ratio times its running typical norm: a run that blows up in its first
+        # steps (a learning rate far too high) is held to the scale of those steps
+        # instead of going unclipped until the statistics are warm.
+        armed = warm
         if cfg.max_ratio is not None:
-            bound = torch.cat([bound[:1].clamp(max=math.log(cfg.max_ratio)), bound[1:]])
+            log_r = math.log(cfg.max_ratio)
+            model_bound = torch.where(warm[:1], bound[:1].clamp(max=log_r), log_r)
+            bound = torch.cat([model_bound, bound[1:]])
+            armed = torch.cat([count[:1] > 0, warm[1:]])
         # Beyond that boundary a norm is anomalous (and clipped back to it).
-        anomalous = scored[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1])
-        norm_thr = torch.where(warm[: n + 1], (mean[: n + 1] + bound[: n + 1]).exp(), math.inf)
+        anomalous = (
+            (armed & valid & ~nonfinite)[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1])
+        )
+        norm_thr = torch.where(armed[: n + 1], (mean[: n + 1] + bound[: n + 1]).exp(), math.inf)
         conc_z = z[2 * n + 1 :]
         concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
 
@@ -613,6 +624,9 @@ class GradMonitor:
         # is fed back as the clipped value and cannot drag the statistics along.
         robust = count >= min(_ROBUST_AFTER, cfg.warmup_steps)
         fed = torch.where(robust, torch.clamp(x, mean - bound, mean + bound), x)
+        # Armed during warm-up: only the upper side, so the typical norm still follows
+        # the fast fall of the first steps' norms.
+        fed = torch.where(armed & ~robust, torch.minimum(fed, mean + bound), fed)
         update = valid & ~nonfinite
         self._stats.update(fed, update)
         # The window keeps the raw log norms: quantiles are robust to a few spikes.

@@ -206,3 +206,30 @@ def test_a_steady_rise_cannot_drag_the_threshold_up_with_it():
     # Without the anchor the threshold climbs with the norm, and most rising steps pass.
     assert free.loc[99, "threshold"] > 5 * free.loc[60, "threshold"]
     assert (free.loc[rise, "action"] == "none").sum() > 5
+
+
+def test_a_blow_up_during_warm_up_is_held_to_the_first_steps_scale():
+    # A learning rate far too high blows a run up within its first steps, before the
+    # statistics have a deviation to score against. With max_ratio the model's norm is
+    # clipped to max_ratio times its running typical value from the second step on, and
+    # the statistics are fed the clipped value; without it warm-up is unprotected.
+    def run(max_ratio):
+        torch.manual_seed(0)
+        model = mlp()
+        monitor = gradwatch.attach(model, run_dir=False, max_ratio=max_ratio, warmup_steps=25)
+        stream = GradStream(model, sigma=0.1)
+        for t in range(12):
+            growth = 3.0 ** max(0, t - 4)  # from step 5 on, 3x a step
+            stream.write(diffuse={m: growth for m in ("0", "2", "4")})
+            monitor.step()
+        return monitor.steps().set_index("step")
+
+    held, free = run(2.0), run(None)
+    assert (held.loc[:4, "action"] == "none").all()  # normal steps pass untouched
+    assert (held.loc[5:, "action"] == "clip_norm").all()
+    assert (held.loc[5:, "clipped_norm"] <= 2.0 * held.loc[5:, "typical_norm"] * 1.0001).all()
+    # The typical norm creeps up (the clipped values are fed) instead of following 3^t.
+    assert held.loc[11, "typical_norm"] < 4 * held.loc[4, "typical_norm"]
+    assert held.loc[11, "global_norm"] > 500 * held.loc[4, "global_norm"]
+    assert (free.loc[:, "action"] == "none").all()
+    assert free.loc[11, "clipped_norm"] == pytest.approx(free.loc[11, "global_norm"])
