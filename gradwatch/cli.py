@@ -3,7 +3,9 @@
 ``gradwatch config --set clip=norm --set max_norm=1.0`` validates monitor options and
 prints the effective configuration as JSON. ``gradwatch report RUN_DIR`` writes the
 HTML report of a recorded run (or its tables, ``--format csv|parquet``), and
-``gradwatch summary RUN_DIR`` prints a plain-text summary. Errors (a missing,
+``gradwatch summary RUN_DIR`` prints a plain-text summary. ``gradwatch demo`` trains a
+small model with faults injected at known steps, with the monitor attached, and prints
+what was caught (see :mod:`gradwatch.demo`). Errors (a missing,
 truncated or foreign run directory included) are one line on stderr and exit code 2,
 never a traceback.
 """
@@ -56,6 +58,15 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run
+
+    return run(Path(args.out), seed=args.seed, steps=args.steps, lr=args.lr,
+               use_wandb=not args.no_wandb)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
@@ -102,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--top", type=int, default=10, metavar="N",
                       help="how many layers to list (default 10)")
     summ.set_defaults(func=_summary)
+    demo = sub.add_parser(
+        "demo",
+        help="train a small model with injected faults and show what gradwatch catches",
+        description="Train a digits MLP twice on the same batches, plainly and with "
+        "gradwatch attached, with a loss spike, an outlier input, bad labels, a NaN and a "
+        "learning-rate blow-up injected at known steps. Prints what was caught, records "
+        "the run, logs it to an offline W&B run and writes the HTML report. Needs "
+        "scikit-learn (gradwatch[examples]).",
+    )
+    demo.add_argument("--out", default="gradwatch_demo", metavar="DIR",
+                      help="where the run record, W&B files and report go "
+                      "(default gradwatch_demo)")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    demo.add_argument("--steps", type=int, default=400,
+                      help="optimizer steps, at least 200 (default 400)")
+    demo.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    demo.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
+    demo.set_defaults(func=_demo)
     return parser
 
 

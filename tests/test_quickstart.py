@@ -37,3 +37,37 @@ def test_quickstart_runs_records_and_reports(tmp_path):
     subprocess.run([sys.executable, "-m", "gradwatch", "report", seed_dir, "-o", str(rebuilt)],
                    check=True, cwd=tmp_path, capture_output=True, text=True)
     assert rebuilt.read_text() == html
+
+
+@pytest.mark.slow
+def test_demo_catches_the_injected_faults_logs_and_reports(tmp_path):
+    from wandb_reader import find_run_file, wait_for_exit
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "demo", "--steps", "250", "--out", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    lines = {line.split()[2]: line for line in text.splitlines()
+             if line.startswith("  step ") and ("caught at step" in line or "MISSED" in line)}
+    # The sudden faults are caught at the step they happen, with the fitting action.
+    assert "(+0)" in lines["loss_spike"] and "clip_norm" in lines["loss_spike"]
+    assert "(+0)" in lines["outlier"] and "clip_value" in lines["outlier"]
+    assert "(+0)" in lines["nan"] and "nonfinite" in lines["nan"] and "skip" in lines["nan"]
+    assert "no clipping     DIVERGED" in text  # the NaN reaches the plain model
+    assert "gradwatch auto  trained" in text
+    html = (tmp_path / "d" / "report.html").read_text()
+    assert "Advice" in html and "nonfinite" in html
+    # The offline W&B run holds the monitor's metrics and the NaN's alert.
+    run = wait_for_exit(find_run_file(str(tmp_path / "d" / "wandb")))
+    assert any("gradwatch/global_norm" in row for row in run.history)
+    assert any("NaN/Inf gradients" in a["title"] for a in run.alerts)
+
+
+def test_demo_refuses_too_few_steps(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gradwatch", "demo", "--steps", "50",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "steps=50 is too short" in out.stderr
