@@ -34,3 +34,51 @@ def test_a_nan_fault_is_skipped_by_gradwatch_and_kills_plain_training(monkeypatc
     plain = faults.run(data, ("none", {}), 0, "nan")
     assert 200 in watched["flagged"] and watched["accuracy"] > 0.8
     assert plain["accuracy"] < 0.2  # the NaN reached the weights
+
+
+def test_lm_spike_count_reads_the_loss_curve():
+    import lm
+
+    flat = [2.0] * 60
+    assert lm.spikes(flat) == []
+    bumped = flat[:55] + [2.6] + flat[56:]
+    assert lm.spikes(bumped) == [55]  # 0.6 nats above the median of the previous 50
+    assert lm.spikes(flat[:55] + [2.4] + flat[56:]) == []  # 0.4: within the gap
+    dead = flat[:52] + [2.8, 2.0, float("nan")] + [float("nan")] * 5
+    assert lm.spikes(dead) == [52, 54]  # the first non-finite loss ends the count
+
+
+def test_transformer_that_blows_up_in_its_first_steps_is_held_by_gradwatch():
+    # Experiment 4's setting: at SGD lr 0.4 the transformer blows up within its first
+    # 25-50 steps, before the statistics are warm; gradwatch's warm-up protection holds it.
+    import lm
+
+    data = lm.load_text()
+    plain = lm.run(data, ("none", {}), 0, steps=60)
+    watched = lm.run(data, ("gradwatch", {}), 0, steps=60)
+    assert not all(v < 4.0 for v in plain["losses"][-10:])  # blown up (or NaN)
+    assert max(watched["losses"][-10:]) < 3.2
+    assert 0 < watched["clipped"] < 0.5
+
+
+def test_rnn_problems_are_what_they_say():
+    import torch
+
+    import rnn
+
+    g = torch.Generator().manual_seed(0)
+    x, y = rnn.addition(64, 50, g)
+    marked = x[:, :, 1].bool()
+    assert (marked.sum(1) == 2).all()
+    assert (marked[:, :25].sum(1) == 1).all()  # one marker in each half
+    assert torch.allclose((x[:, :, 0] * x[:, :, 1]).sum(1), y)
+    x, y = rnn.order(64, 100, g)
+    symbol = x.argmax(2)
+    relevant = symbol >= 4
+    assert (relevant.sum(1) == 2).all()
+    pos = relevant.nonzero()[:, 1].view(-1, 2)  # row-major: each row's two, in order
+    assert ((pos[:, 0] >= 10) & (pos[:, 0] <= 20)).all()
+    assert ((pos[:, 1] >= 50) & (pos[:, 1] <= 60)).all()
+    first = symbol.gather(1, pos[:, :1])[:, 0] - 4
+    second = symbol.gather(1, pos[:, 1:])[:, 0] - 4
+    assert torch.equal(y, 2 * first + second)

@@ -5,7 +5,7 @@ An MLP (64-256-256-10) learns scikit-learn's handwritten digits with SGD (moment
 with normalised ones, under each clipping method, over several seeds. Every method
 sees exactly the same batches for a given seed.
 
-    python benchmarks/efficacy/digits.py          # 5 seeds, writes digits.md
+    python benchmarks/efficacy/digits.py          # 5 seeds, writes digits.md and .png
 """
 
 from __future__ import annotations
@@ -63,10 +63,35 @@ def run(data, spec, seed: int, lr: float) -> dict:
             "clipped": sum(clipped) / STEPS}
 
 
+def plot(results: dict[str, list[tuple[str, float, int]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(10, 3.6), dpi=110, sharey=True)
+    for ax, (title, rows) in zip(axes, results.items()):
+        names = [r[0] for r in rows]
+        colors = ["tab:blue" if n.startswith("gradwatch") else "0.6" for n in names]
+        ax.barh(names, [r[1] for r in rows], color=colors)
+        for i, (_, acc, div) in enumerate(rows):
+            if div:
+                ax.text(acc + 0.01, i, f"{div} diverged", va="center", fontsize=7)
+        ax.set_xlim(0, 1.15)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("mean test accuracy")
+    axes[0].invert_yaxis()  # shared: once for both
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "digits.md")
+    parser.add_argument("--plot", type=Path, default=HERE / "digits.png",
+                        help="PNG of the accuracies ('' for none)")
     args = parser.parse_args(argv)
     lines = [
         "# Experiment 1: the clipping tutorial experiment", "",
@@ -77,6 +102,7 @@ def main(argv=None) -> int:
         "method clipped. The learning rate is one at which plain training diverges on "
         "most seeds.", "",
     ]
+    results: dict[str, list[tuple[str, float, int]]] = {}
     for title, normalise, lr in SETTINGS:
         data = load(normalise)
         lines += [f"## {title}, lr {lr}", "",
@@ -90,7 +116,11 @@ def main(argv=None) -> int:
             print(f"{title:18s} {name:10s} acc {acc:.3f} diverged {div}/{args.seeds} "
                   f"clipped {100 * clipped:.1f}%", flush=True)
             lines.append(f"| {name} | {acc:.3f} | {div}/{args.seeds} | {100 * clipped:.1f}% |")
+            results.setdefault(f"{title}, lr {lr}", []).append((name, acc, div))
         lines.append("")
+    if str(args.plot):
+        plot(results, args.plot)
+        lines += [f"![mean accuracy per method]({args.plot.name})", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0

@@ -13,7 +13,7 @@ For each method (the same batches, one stream per kind of fault): which faults i
 (precision, recall, latency in steps), what it did at the fault steps, and the final
 test loss against the same method trained without faults.
 
-    python benchmarks/efficacy/faults.py            # 5 seeds, writes faults.md
+    python benchmarks/efficacy/faults.py            # 5 seeds, writes faults.md and .png
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ METHOD_SPECS = [
 ]
 
 
-def run(data, spec, seed: int, kind: str | None) -> dict:
+def run(data, spec, seed: int, kind: str | None, keep_monitor: bool = False) -> dict:
     """Train one model with ``spec``'s method; ``kind``: the fault stream (None: clean)."""
     x_tr, y_tr, x_te, y_te = data
     model, opt, hook, g = M.setup(spec, seed, 128, LR)
@@ -98,6 +98,8 @@ def run(data, spec, seed: int, kind: str | None) -> dict:
            "clipped": hook.clipped(), "name": hook.name}
     if hook.monitor is not None:
         hook.monitor.detach()
+        if keep_monitor:
+            out["monitor"] = hook.monitor
     return out
 
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "faults.md")
+    parser.add_argument("--plot", type=Path, default=HERE / "faults.png",
+                        help="PNG of seed 0's loss-spike and blow-up streams ('' for none)")
     args = parser.parse_args(argv)
     data = load()
     table = {}
@@ -144,7 +148,45 @@ def main(argv=None) -> int:
                 f"{k} {entry[k][-1]['score']['recall']:.2f}/{entry[k][-1]['accuracy']:.2f}"
                 for k in KINDS), flush=True)
     write(args, table)
+    if str(args.plot):
+        plot(data, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def plot(data, path: Path, seed: int = 0) -> None:
+    """Seed ``seed``'s loss-spike and learning-rate blow-up streams: the global norm,
+    gradwatch's clipping threshold and flags, ZClip's flags, the injections."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
+    for ax, kind in zip(axes, ("loss_spike", "lr_blowup")):
+        watched = run(data, ("gradwatch", {}), seed, kind, keep_monitor=True)
+        zclip = run(data, ("zclip", {"max_grad_norm": None}), seed, kind)
+        steps = watched["monitor"].steps()
+        ax.semilogy(steps.step, steps.global_norm, lw=0.7, color="0.45", label="gradient norm")
+        ax.semilogy(steps.step, steps.threshold, lw=1.0, color="tab:blue",
+                    label="gradwatch threshold")
+        for i, (step, _) in enumerate(KINDS[kind]):
+            end = step + (BLOWUP_LEN if kind == "lr_blowup" else 0)
+            ax.axvspan(step - 1, end + 1, color="tab:red", alpha=0.15,
+                       label="injected" if i == 0 else None)
+        top = steps.global_norm.max() * 2
+        for name, flagged, y, marker in (("gradwatch flags", watched["flagged"], top, "v"),
+                                         ("ZClip (no ceiling) flags", zclip["flagged"],
+                                          top * 1.8, "x")):
+            xs = sorted(flagged)
+            ax.scatter(xs, [y] * len(xs), marker=marker, s=14, label=name)
+        ax.set_title(f"{kind}, seed {seed}", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("global gradient norm")
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _cell(runs: list[dict]) -> str:
