@@ -47,7 +47,7 @@ def schedule(steps: int) -> list[Fault]:
             f"steps={steps} is too short: the demo needs at least 200 steps (warm-up, "
             "then five faults some way apart)"
         )
-    at = [int(steps * f) for f in (0.40, 0.50, 0.60, 0.70, 0.80)]
+    at = [int(steps * f) for f in (0.35, 0.43, 0.51, 0.59, 0.67)]
     return [
         Fault(at[0], "loss_spike", "the batch loss multiplied by 1e3"),
         Fault(at[1], "outlier", "one input component of one sample set to 1e3"),

@@ -5,7 +5,7 @@ An MLP (64-256-256-10) learns scikit-learn's handwritten digits with SGD (moment
 with normalised ones, under each clipping method, over several seeds. Every method
 sees exactly the same batches for a given seed.
 
-    python benchmarks/efficacy/digits.py          # 5 seeds, writes digits.md and .png
+    python benchmarks/efficacy/digits.py          # 10 seeds, writes digits.md and .png
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def plot(results: dict[str, list[tuple[str, float, int]]], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=HERE / "digits.md")
     parser.add_argument("--plot", type=Path, default=HERE / "digits.png",
                         help="PNG of the accuracies ('' for none)")

@@ -221,19 +221,24 @@ def write(args, table) -> None:
         "run; or how many seeds diverged). Flagged means: gradwatch's events; ZClip's "
         "z-score rule firing after its warm-up (not a clip by its fixed ceiling); "
         "AutoClip's clips (norms above its running quantile). Fixed clipping flags "
-        "nothing. The last columns are on the clean runs: false alarms per 1,000 steps "
-        "and the share of steps the method clipped.", "",
+        "nothing. The last columns are on the clean runs: false alarms per 1,000 steps, "
+        "the share of steps the method clipped, the clean accuracy, and the blow-up "
+        "recall a method would reach by chance: the probability that at least one of "
+        f"its clean-run flags (at its false-alarm rate) lands in the {BLOWUP_LEN + 1}-step "
+        "blow-up window. A blow-up recall near that number says little.", "",
         "| method | " + " | ".join(kinds) + " | false alarms / 1k steps (clean) | "
-        "steps clipped (clean) | accuracy (clean) |",
-        "|---|" + "---|" * (len(kinds) + 3),
+        "steps clipped (clean) | accuracy (clean) | blow-up recall by chance |",
+        "|---|" + "---|" * (len(kinds) + 4),
     ]
     for name, entry in table.items():
         clean = entry["clean"]
         false_alarms = mean(len(r["flagged"]) * 1000 / STEPS for r in clean)
         clipped = mean(sum(r["clipped"]) / STEPS for r in clean)
         acc = mean(r["accuracy"] for r in clean)
+        chance = 1 - (1 - false_alarms / 1000) ** (BLOWUP_LEN + 1)
         lines.append(f"| {name} | " + " | ".join(_cell(entry[k]) for k in kinds)
-                     + f" | {false_alarms:.1f} | {100 * clipped:.1f}% | {acc:.3f} |")
+                     + f" | {false_alarms:.1f} | {100 * clipped:.1f}% | {acc:.3f} | "
+                     f"{chance:.2f} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
