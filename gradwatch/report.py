@@ -705,10 +705,12 @@ def _html_advice(run: RunData, advice: list[Any]) -> str:
     if not advice and run.steps.empty:
         parts.append('<div class="advice ok"><h3>No steps recorded yet</h3></div>')
     elif not advice:
+        single = (f" The {len(run.events)} single event(s) of this run, and what was done "
+                  'about each, are under <a href="#events">Events</a>.' if len(run.events) else "")
         parts.append(
-            '<div class="advice ok"><h3>No problem found</h3><p>None of these checks fired '
-            "on this record:</p><ul>" + "".join(f"<li>{_e(c)}</li>" for c in CHECKS)
-            + "</ul></div>"
+            '<div class="advice ok"><h3>No recurring problem found</h3><p>None of these '
+            f"checks fired on this record:</p><ul>"
+            + "".join(f"<li>{_e(c)}</li>" for c in CHECKS) + f"</ul><p>{single}</p></div>"
         )
     return "\n".join(parts)
 

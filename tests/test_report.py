@@ -257,8 +257,8 @@ def test_healthy_run_gets_no_advice(runs, tmp_path):
     assert advice_of(runs("healthy")) == {}
     assert advice_of(runs("healthy_slow")) == {}
     text = html_of(runs("healthy"), tmp_path)
-    assert "No problem found" in text
-    assert "No events" in text
+    assert "No recurring problem found" in text
+    assert "No events" in text and "single event" not in text
 
 
 def test_layer_table_ranks_the_spiked_layer_first(runs):

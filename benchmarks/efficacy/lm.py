@@ -75,8 +75,10 @@ def load_text() -> tuple[torch.Tensor, torch.Tensor]:
         cut = int(len(data) * 0.9)
         train.append(data[:cut])
         val.append(data[cut:])
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)  # noqa: E731
-    return as_tensor(train).long(), as_tensor(val).long()
+    def as_tensor(parts: list[bytes]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()
+
+    return as_tensor(train), as_tensor(val)
 
 
 class Block(nn.Module):

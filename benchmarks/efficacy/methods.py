@@ -7,8 +7,8 @@ for every method:
 * clipped: the hook made the gradient smaller (or skipped the step);
 * flagged: the method itself called the step anomalous. For gradwatch, its events
   (explosion, nonfinite); for ZClip, its z-score rule firing after its warm-up (not
-  a clip by its fixed ``max_grad_norm`` ceiling); for AutoClip, a norm above its running quantile; fixed
-  clipping flags nothing.
+  a clip by its fixed ``max_grad_norm`` ceiling); for AutoClip, a norm above its
+  running quantile; fixed clipping flags nothing.
 """
 
 from __future__ import annotations

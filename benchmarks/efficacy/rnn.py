@@ -18,7 +18,7 @@ Methods: no clipping, norm clipping at each threshold of a sweep, and gradwatch
 seeds that solved the task within the step budget, the median steps they needed, the
 runs that diverged (a non-finite loss), and the share of steps clipped.
 
-    python benchmarks/efficacy/rnn.py            # writes rnn.md
+    python benchmarks/efficacy/rnn.py --lengths 50 100   # writes rnn.md
 """
 
 from __future__ import annotations
@@ -156,11 +156,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     lines = [
         "# Experiment 2: tanh RNN on the addition and temporal-order problems", "",
-        f"Produced by `python benchmarks/efficacy/rnn.py --seeds {args.seeds} --lengths "
-        f"{' '.join(map(str, args.lengths))}`. A one-layer tanh RNN ({HIDDEN} units, "
-        f"recurrent matrix at spectral radius {RADIUS}), plain SGD at lr {args.lr:g}, "
-        f"batch {BATCH}, at most {args.steps} steps, evaluated every {EVAL_EVERY} steps on "
-        f"1,000 fixed test sequences. Solved: test MSE under {ADD_SOLVED} (addition; "
+        f"Produced by `python benchmarks/efficacy/rnn.py --seeds {args.seeds} --tasks "
+        f"{' '.join(args.tasks)} --lengths {' '.join(map(str, args.lengths))}`. A one-layer "
+        f"tanh RNN ({HIDDEN} units, recurrent matrix at spectral radius {RADIUS}), plain "
+        f"SGD at lr {args.lr:g}, batch {BATCH}, at most {args.steps} steps, evaluated "
+        f"every {EVAL_EVERY} steps on 1,000 fixed test sequences. Solved: test MSE under "
+        f"{ADD_SOLVED} (addition; "
         f"answering 1 always scores 0.167) or test error under {ORDER_SOLVED:.0%} "
         "(temporal order, 4 classes). Columns: seeds solved, median steps to solve (over "
         "the solved seeds), seeds diverged, final test error of the unsolved runs "
