@@ -182,21 +182,26 @@ def test_skip_threshold_skips_catastrophic_spike():
     assert result.explosion and result.action == "clip_norm"
 
 
+def _rising(max_ratio, *, warmup, sigma, steps, growth):
+    """The steps table of an MLP whose gradients are multiplied by growth(t) at step t."""
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model, run_dir=False, max_ratio=max_ratio, warmup_steps=warmup)
+    stream = GradStream(model, sigma=sigma)
+    for t in range(steps):
+        stream.write(diffuse={m: growth(t) for m in ("0", "2", "4")})
+        monitor.step()
+    return monitor.steps().set_index("step")
+
+
 def test_a_steady_rise_cannot_drag_the_threshold_up_with_it():
     # A learning rate blowing up: every step's norm is 12% above the last, each step
     # only mildly anomalous (z about 2), so clip_z deviations alone would follow it up.
     # max_ratio anchors the threshold to the typical norm and the statistics with it;
     # None shows what happens without.
     def run(max_ratio):
-        torch.manual_seed(0)
-        model = mlp()
-        monitor = gradwatch.attach(model, run_dir=False, max_ratio=max_ratio, warmup_steps=20)
-        stream = GradStream(model, sigma=0.3)
-        for t in range(100):
-            growth = 1.12 ** max(0, t - 60)
-            stream.write(diffuse={m: growth for m in ("0", "2", "4")})
-            monitor.step()
-        return monitor.steps().set_index("step")
+        return _rising(max_ratio, warmup=20, sigma=0.3, steps=100,
+                       growth=lambda t: 1.12 ** max(0, t - 60))
 
     anchored, free = run(2.0), run(None)
     rise = slice(80, 99)
@@ -213,16 +218,9 @@ def test_a_blow_up_during_warm_up_is_held_to_the_first_steps_scale():
     # statistics have a deviation to score against. With max_ratio the model's norm is
     # clipped to max_ratio times its running typical value from the second step on, and
     # the statistics are fed the clipped value; without it warm-up is unprotected.
-    def run(max_ratio):
-        torch.manual_seed(0)
-        model = mlp()
-        monitor = gradwatch.attach(model, run_dir=False, max_ratio=max_ratio, warmup_steps=25)
-        stream = GradStream(model, sigma=0.1)
-        for t in range(12):
-            growth = 3.0 ** max(0, t - 4)  # from step 5 on, 3x a step
-            stream.write(diffuse={m: growth for m in ("0", "2", "4")})
-            monitor.step()
-        return monitor.steps().set_index("step")
+    def run(max_ratio):  # from step 5 on, 3x a step
+        return _rising(max_ratio, warmup=25, sigma=0.1, steps=12,
+                       growth=lambda t: 3.0 ** max(0, t - 4))
 
     held, free = run(2.0), run(None)
     assert (held.loc[:4, "action"] == "none").all()  # normal steps pass untouched
