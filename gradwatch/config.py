@@ -67,7 +67,13 @@ class MonitorConfig:
     (the running geometric mean), and values fed to the statistics are winsorised at
     the same boundary. Where normal norms are heavy-tailed or rise step after step (a
     learning rate too high, or blowing up), ``clip_z`` deviations of the log norm would
-    let the threshold climb with the norm; this keeps it anchored. It also protects
+    let the threshold climb with the norm; this keeps it anchored. A model norm beyond
+    the boundary widens the spread but does not move the typical level, which learns
+    from the steps within it only: when most steps are beyond it (a learning rate too
+    high for the run), the threshold holds at the scale of the normal steps. The
+    flip side: a legitimate jump of the model norm to more than this multiple (say,
+    a large part of the model unfrozen at once) stays clipped to the old scale until
+    enough steps fall within the boundary; re-attach, or pass ``None``. It also protects
     the warm-up: from the second step on, before a deviation is known, the model's norm
     is clipped at this multiple of its running typical value (and fed to the
     statistics clipped), so a run that blows up in its first steps is held to their

@@ -627,8 +627,17 @@ class GradMonitor:
         # Armed during warm-up: only the upper side, so the typical norm still follows
         # the fast fall of the first steps' norms.
         fed = torch.where(armed & ~robust, torch.minimum(fed, mean + bound), fed)
+        level = fed
+        if cfg.max_ratio is not None:
+            # A model norm beyond its boundary is not evidence of where its typical
+            # level is (it still widens the spread): the level learns from the steps
+            # within the boundary only. So when most steps are beyond it (a learning
+            # rate too high for the run), the boundary holds at the scale of the normal
+            # steps instead of being walked up by the clipped ones.
+            beyond = armed[:1] & (x[:1] > mean[:1] + bound[:1])
+            level = torch.cat([torch.where(beyond, mean[:1], fed[:1]), fed[1:]])
         update = valid & ~nonfinite
-        self._stats.update(fed, update)
+        self._stats.update(level, update, spread=fed)
         # The window keeps the raw log norms: quantiles are robust to a few spikes.
         self._window.push(x[: n + 1], update[: n + 1], self._step)
 

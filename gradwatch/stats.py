@@ -44,14 +44,16 @@ class EmaStats:
             torch.where(seen, self.var / safe, nan),
         )
 
-    def update(self, x: Tensor, mask: Tensor) -> None:
+    def update(self, x: Tensor, mask: Tensor, spread: Tensor | None = None) -> None:
         """Fold ``x`` into the channels where ``mask`` is true; leave the rest untouched.
 
-        The variance tracks the squared deviation from the previous corrected mean,
-        so a first update yields variance 0 and no spurious spread.
+        The variance tracks the squared deviation from the previous corrected mean (of
+        ``spread`` where given, else of ``x``), so a first update yields variance 0 and
+        no spurious spread.
         """
         mean_prev, _ = self.moments()
-        dev = torch.where(self.count > 0, x - mean_prev, 0.0)
+        s = x if spread is None else spread
+        dev = torch.where(self.count > 0, s - mean_prev, 0.0)
         b = self.decay
         # Masked-out channels may hold NaN/Inf in x: torch.where keeps them out of the state.
         self.mean.copy_(torch.where(mask, b * self.mean + (1 - b) * x, self.mean))

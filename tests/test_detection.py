@@ -231,3 +231,25 @@ def test_a_blow_up_during_warm_up_is_held_to_the_first_steps_scale():
     assert held.loc[11, "global_norm"] > 500 * held.loc[4, "global_norm"]
     assert (free.loc[:, "action"] == "none").all()
     assert free.loc[11, "clipped_norm"] == pytest.approx(free.loc[11, "global_norm"])
+
+
+def test_steps_beyond_the_boundary_do_not_walk_the_typical_norm_up():
+    # A learning rate too high for the whole run: from step 40 on most steps' norms
+    # are 2-8x the earlier level. Those steps are clipped, and they do not teach the
+    # statistics a new typical level (only the steps within the boundary do), so the
+    # boundary holds at the scale of the normal steps instead of following them up.
+    gen = torch.Generator().manual_seed(0)
+    jumps = torch.exp(torch.empty(200).uniform_(0.7, 2.1, generator=gen)).tolist()
+
+    def growth(t):
+        return 1.0 if t < 40 else jumps[t]
+
+    held = _rising(2.0, warmup=25, sigma=0.1, steps=200, growth=growth)
+    before = held.loc[39, "typical_norm"]
+    assert held.loc[199, "typical_norm"] < 1.3 * before
+    late = held.loc[100:]
+    assert (late["action"] == "clip_norm").mean() > 0.7
+    assert (late["clipped_norm"] <= 2.0 * late["typical_norm"] * 1.0001).all()
+    # Without max_ratio the typical level follows the new norms.
+    free = _rising(None, warmup=25, sigma=0.1, steps=200, growth=growth)
+    assert free.loc[199, "typical_norm"] > 2 * before
