@@ -634,8 +634,7 @@ class GradMonitor:
             # within the boundary only. So when most steps are beyond it (a learning
             # rate too high for the run), the boundary holds at the scale of the normal
             # steps instead of being walked up by the clipped ones.
-            beyond = armed[:1] & (x[:1] > mean[:1] + bound[:1])
-            level = torch.cat([torch.where(beyond, mean[:1], fed[:1]), fed[1:]])
+            level = torch.cat([torch.where(anomalous[:1], mean[:1], fed[:1]), fed[1:]])
         update = valid & ~nonfinite
         self._stats.update(level, update, spread=fed)
         # The window keeps the raw log norms: quantiles are robust to a few spikes.

@@ -253,3 +253,16 @@ def test_steps_beyond_the_boundary_do_not_walk_the_typical_norm_up():
     # Without max_ratio the typical level follows the new norms.
     free = _rising(None, warmup=25, sigma=0.1, steps=200, growth=growth)
     assert free.loc[199, "typical_norm"] > 2 * before
+
+
+def test_statistics_learn_the_level_and_the_spread_from_different_values():
+    # What lets a clipped step widen the spread without moving the typical level.
+    from gradwatch.stats import EmaStats
+
+    stats = EmaStats(1, 0.5, torch.device("cpu"))
+    on = torch.tensor([True])
+    stats.update(torch.tensor([1.0]), on)
+    stats.update(torch.tensor([1.0]), on, spread=torch.tensor([3.0]))
+    mean, var = stats.moments()
+    assert mean.item() == pytest.approx(1.0)
+    assert var.item() > 1.0  # from the deviation of 2 the spread was given

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradwatch.demo import inject
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import methods as M  # noqa: E402
@@ -73,15 +75,7 @@ def run(data, spec, seed: int, kind: str | None, keep_monitor: bool = False) -> 
         noise = torch.randint(0, 10, yb.shape, generator=g)  # drawn every step alike
         scale, lr = 1.0, LR
         if step in faults:
-            detail = faults[step]
-            if kind == "loss_spike":
-                scale = detail
-            elif kind == "outlier":
-                xb[0, 20] = detail
-            elif kind == "bad_labels":
-                yb = noise
-            elif kind == "nan":
-                xb[0, 0] = math.nan
+            xb, yb, scale = inject(kind, xb, yb, noise, faults[step] or 1.0)
         if kind == "lr_blowup":
             start = KINDS[kind][0][0]
             if start <= step < start + BLOWUP_LEN:

@@ -24,17 +24,10 @@ METHODS = ("none", "value", "norm", "zclip", "autoclip", "gradwatch")
 
 
 def load_digits(normalise: bool):
-    """scikit-learn's bundled digits as (x_train, y_train, x_test, y_test), split 1400
-    / 397 the same way every time; ``normalise``: per-pixel standardisation."""
-    from sklearn.datasets import load_digits as load
+    """scikit-learn's bundled digits, split the same way as ``gradwatch demo``'s."""
+    from gradwatch.demo import load_digits as load
 
-    d = load()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    if normalise:
-        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    return x[order[:1400]], y[order[:1400]], x[order[1400:]], y[order[1400:]]
+    return load(normalise)
 
 
 def setup(spec: tuple[str, dict], seed: int, width: int, lr: float):
