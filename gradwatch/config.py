@@ -79,6 +79,17 @@ class MonitorConfig:
     statistics clipped), so a run that blows up in its first steps is held to their
     scale. ``None``: thresholds from ``clip_z`` alone, none during warm-up."""
 
+    crossing_rate: float | None = 0.02
+    """``auto`` with ``max_ratio``: how often the model norm may cross its boundary
+    (the above) before the clipping threshold tightens. While crossings are more frequent than this (a
+    learning rate too high for the run, or norms heavy-tailed enough that steps far
+    beyond the typical one are routine), the model's threshold comes down from the
+    boundary towards the typical norm itself, never below it, so a step's size is
+    held at the scale of a typical step; as crossings become rare it rises back. One
+    crossing tightens it by about a seventh of the way; at 0.02 it relaxes fully in
+    about 330 steps without one. Events (``z_threshold``) are not affected. ``None``:
+    the threshold stays at the boundary."""
+
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many
     standard deviations above its normal is treated as an outlier in a few
@@ -178,6 +189,13 @@ class MonitorConfig:
             raise ValueError(
                 f"max_ratio={self.max_ratio!r} must be a finite number > 1 (a multiple of "
                 "the typical norm), or None to set thresholds from clip_z alone"
+            )
+        if self.crossing_rate is not None and not (
+            _is_real(self.crossing_rate) and 0 < self.crossing_rate < 1
+        ):
+            raise ValueError(
+                f"crossing_rate={self.crossing_rate!r} must be in (0, 1), a share of steps "
+                "(for example 0.02), or None to keep the clipping threshold at its boundary"
             )
         if self.skip_threshold is not None:
             _positive("skip_threshold", self.skip_threshold)

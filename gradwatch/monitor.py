@@ -92,6 +92,9 @@ def family_z(z: float, num_tests: int) -> float:
 # winsorised at the detection threshold, so one early spike cannot inflate the
 # variance for hundreds of steps.
 _ROBUST_AFTER = 5
+# How far one crossing of the model's boundary tightens its clipping threshold towards
+# the typical norm (a share of the way; see MonitorConfig.crossing_rate).
+_TIGHTEN_STEP = 0.15
 _MAX_PLANS = 64
 
 
@@ -256,6 +259,11 @@ class GradMonitor:
         # layer log concentration (L)].
         self._stats = EmaStats(1 + 3 * n, self.config.ema_decay, self.device)
         self._window = RecentWindow(1 + n, self.config.window, self.device)
+        # auto: where the model's clipping threshold sits between its boundary (0) and
+        # the typical norm (1), driven by how often norms cross the boundary.
+        self._tightness = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._tightens = (self.config.clip == "auto" and self.config.max_ratio is not None
+                          and self.config.crossing_rate is not None)
         self._record = HostRecord(self._layout, self.layers.names, self.config,
                                   self.config.history_limit)
         self._buffer = torch.empty(
@@ -567,6 +575,12 @@ class GradMonitor:
                 concentrated, (mean[lm] + self._z_clip[lm] * std[lm]).exp(), math.inf
             )
             value_clipped = concentrated.any()
+            if self._tightens:
+                # Frequent crossings: the model's threshold comes down towards the
+                # typical norm (never below), bounding each step at a typical one.
+                model_thr = (mean[:1] + bound[:1] * (1 - self._tightness)).exp()
+                norm_thr = torch.cat([torch.where(armed[:1], model_thr, math.inf), norm_thr[1:]])
+                threshold = norm_thr[0]
             threshold = self._ceiling(threshold)
 
         host = self._host_branches
@@ -586,7 +600,10 @@ class GradMonitor:
             # is scaled down by one coefficient for the whole model (direction kept).
             post_global = post_layer_norm.square().sum().sqrt()
             post = torch.cat([post_global.reshape(1), post_layer_norm])
-            ratios = torch.where(anomalous & (post > norm_thr), norm_thr / post, 1.0)
+            # The model's threshold may sit below its boundary (tightened): any model
+            # norm above it is scaled; layers only when anomalous.
+            over = torch.cat([armed[:1] & valid[:1], anomalous[1:]]) & (post > norm_thr)
+            ratios = torch.where(over, norm_thr / post, 1.0)
             coef = ratios.min().clamp(max=1.0)
             if cfg.max_norm is not None:
                 coef = torch.minimum(
@@ -637,6 +654,14 @@ class GradMonitor:
             level = torch.cat([torch.where(anomalous[:1], mean[:1], fed[:1]), fed[1:]])
         update = valid & ~nonfinite
         self._stats.update(level, update, spread=fed)
+        if self._tightens:
+            # A crossing tightens, a step within the boundary relaxes: at equilibrium
+            # norms cross it at crossing_rate, or the threshold rests at either end.
+            crossed = anomalous[0].float()
+            tightened = self._tightness + _TIGHTEN_STEP * (crossed - cfg.crossing_rate)
+            self._tightness.copy_(
+                torch.where(armed[0] & update[0], tightened.clamp(0.0, 1.0), self._tightness)
+            )
         # The window keeps the raw log norms: quantiles are robust to a few spikes.
         self._window.push(x[: n + 1], update[: n + 1], self._step)
 
@@ -796,6 +821,7 @@ class GradMonitor:
             "config": self.config.to_dict(),
             "stats": self._stats.state_dict(),
             "window": self._window.state_dict(),
+            "tightness": self._tightness.clone(),
             "events": [dict(e) for e in self._record.events],
         }
 
@@ -844,6 +870,7 @@ class GradMonitor:
             )
         self._stats.load_state_dict({k: v.to(self.device) for k, v in state["stats"].items()})
         self._window.load_state_dict({k: v.to(self.device) for k, v in state["window"].items()})
+        self._tightness.copy_(torch.as_tensor(state.get("tightness", 0.0)).to(self.device))
         self._pending = 0
         self._step = int(state["step"])
         self._record.events = [dict(e) for e in state.get("events", [])]

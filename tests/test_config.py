@@ -103,3 +103,10 @@ def test_to_dict_round_trips():
 def test_max_ratio_must_be_a_multiple_above_one(value):
     with pytest.raises(ValueError, match=r"max_ratio=.* must be a finite number > 1"):
         gradwatch.MonitorConfig(max_ratio=value)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.1, float("nan"), "0.02"])
+def test_crossing_rate_must_be_a_share_of_steps(value):
+    with pytest.raises(ValueError, match=r"crossing_rate=.* must be in \(0, 1\), a share of "
+                                         r"steps .* or None"):
+        gradwatch.MonitorConfig(crossing_rate=value)

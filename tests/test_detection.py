@@ -266,3 +266,59 @@ def test_statistics_learn_the_level_and_the_spread_from_different_values():
     mean, var = stats.moments()
     assert mean.item() == pytest.approx(1.0)
     assert var.item() > 1.0  # from the deviation of 2 the spread was given
+
+
+def _jumping(crossing_rate, steps=700):
+    """An MLP's steps table: normal norms, then 2-8x jumps on most steps from 40 to 199
+    (a learning rate too high for a while), then normal again."""
+    gen = torch.Generator().manual_seed(0)
+    jumps = torch.exp(torch.empty(steps).uniform_(0.7, 2.1, generator=gen)).tolist()
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model, run_dir=False, crossing_rate=crossing_rate)
+    stream = GradStream(model, sigma=0.1)
+    for t in range(steps):
+        stream.write(diffuse={m: jumps[t] if 40 <= t < 200 else 1.0 for m in ("0", "2", "4")})
+        monitor.step()
+    return monitor
+
+
+def test_frequent_crossings_bring_the_threshold_down_to_the_typical_norm_and_back():
+    # Most steps crossing the boundary: the threshold tightens from max_ratio times the
+    # typical norm to the typical norm itself (never below), so each step is held at a
+    # typical step's size; once crossings are rare again it relaxes back to the
+    # boundary. crossing_rate=None keeps it at the boundary throughout.
+    tight = _jumping(0.02)
+    fixed = _jumping(None)
+    t, f = tight.steps().set_index("step"), fixed.steps().set_index("step")
+    jumping = slice(100, 199)
+    assert t.loc[jumping, "threshold"].values == pytest.approx(
+        t.loc[jumping, "typical_norm"].values, rel=0.01)  # a step within relaxes a little
+    assert (t.loc[jumping, "clipped_norm"] <= t.loc[jumping, "typical_norm"] * 1.01).all()
+    assert f.loc[jumping, "threshold"].values == pytest.approx(
+        2.0 * f.loc[jumping, "typical_norm"].values, rel=1e-4)
+    assert t.loc[jumping, "clipped_norm"].mean() < 0.6 * f.loc[jumping, "clipped_norm"].mean()
+    armed = t.threshold.notna()
+    assert (t.threshold[armed] >= t.typical_norm[armed] * 0.9999).all()
+    # Relaxed: 500 normal steps later the threshold is back at the boundary.
+    assert t.loc[699, "threshold"] == pytest.approx(f.loc[699, "threshold"])
+    assert t.loc[699, "threshold"] > 1.1 * t.loc[699, "typical_norm"]
+    # Only the clipping threshold moves: the statistics and the events are the same.
+    assert t.typical_norm.equals(f.typical_norm)
+    assert list(tight.events().step) == list(fixed.events().step)
+
+
+def test_a_rare_spike_leaves_the_threshold_near_the_boundary():
+    # One crossing tightens the threshold by a step only, and it relaxes from there.
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model, run_dir=False)
+    stream = GradStream(model, sigma=0.1)
+    for t in range(200):
+        stream.write(diffuse={"2": 30.0} if t == 100 else None)
+        monitor.step()
+    steps = monitor.steps().set_index("step")
+    ratio = steps.threshold / steps.typical_norm
+    assert steps.loc[100, "action"] == "clip_norm"
+    assert ratio.loc[101] > 0.8 * ratio.loc[99]
+    assert ratio.loc[199] > ratio.loc[101]

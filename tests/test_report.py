@@ -186,11 +186,12 @@ def runs(tmp_path_factory):
             train(path, mlp(), corrupt=outlier_samples)
         elif name == "ramp":
             train(path, mlp(), lr_at=lambda t: 0.001 * 1.025**t)  # up to 1.6
-        elif name == "rnn":
-            train(path, RNNNet(), data=sequences(),
+        elif name == "rnn":  # lr 0.01: the explosions are the injected ones, not the
+            # network's own instability (at 0.05 its norm rises 6x and the head's does too)
+            train(path, RNNNet(), data=sequences(), lr=0.01,
                   spike=spike_every(("rnn",), set(range(60, 300, 25)), 300.0))
         elif name == "seq_mlp":
-            train(path, SeqMLP(), data=sequences(),
+            train(path, SeqMLP(), data=sequences(), lr=0.01,
                   spike=spike_every(("body",), set(range(60, 300, 25)), 300.0))
         elif name == "nan":
             train(path, mlp(), corrupt=nan_batches({100, 101, 150, 200}))

@@ -85,3 +85,37 @@ def test_resuming_with_other_config_warns():
     state = gradwatch.attach(mlp()).state_dict()
     with pytest.warns(UserWarning, match=r"different config \(z_threshold\)"):
         gradwatch.attach(mlp(), z_threshold=5.0).load_state_dict(state)
+
+
+def test_resume_keeps_a_tightened_threshold():
+    # Norms crossing their boundary on most steps have tightened the clipping threshold
+    # at the save; the resumed monitor goes on from the same place.
+    def drive(monitor, stream, start, stop):
+        for t in range(start, stop):
+            jump = 4.0 if t >= 40 and t % 2 else 1.0
+            stream.write(diffuse={m: jump for m in ("0", "2", "4")})
+            monitor.step()
+
+    torch.manual_seed(0)
+    model = mlp()
+    full = gradwatch.attach(model, run_dir=False)
+    drive(full, GradStream(model, sigma=0.1), 0, 120)
+
+    torch.manual_seed(0)
+    model_a = mlp()
+    first = gradwatch.attach(model_a, run_dir=False)
+    drive(first, GradStream(model_a, sigma=0.1), 0, 80)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    model_b = mlp()
+    resumed = gradwatch.attach(model_b, run_dir=False)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    stream_b = GradStream(model_b, sigma=0.1)
+    stream_b.step = 80
+    drive(resumed, stream_b, 80, 120)
+
+    a = full.steps().set_index("step").loc[80:]
+    b = resumed.steps().set_index("step")
+    assert (a.threshold < 1.9 * a.typical_norm).all()  # tightened when saved
+    assert a.threshold.values.tolist() == b.threshold.values.tolist()
