@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
           f"standard deviations above its running log-mean for the model"
           + (f" or more than {cap:g}x its typical norm" if cap else "")
           + f", {monitor.layer_clip_z:.2f} deviations for a layer, is scaled back to that "
-          "boundary):")
+          "boundary; while the model norm crosses it often, its threshold comes down towards "
+          "the typical norm):")
     for row in clipped.head(10).itertuples():
         print(f"  step {row.step:4d} {row.action:10s} norm {row.global_norm:8.3g} -> "
               f"{row.clipped_norm:8.3g} (typical {row.typical_norm:.3g}, z={row.z:+.1f})")

@@ -72,7 +72,8 @@ class MonitorConfig:
     from the steps within it only: when most steps are beyond it (a learning rate too
     high for the run), the threshold holds at the scale of the normal steps. The
     flip side: a legitimate jump of the model norm to more than this multiple (say,
-    a large part of the model unfrozen at once) stays clipped to the old scale until
+    a large part of the model unfrozen at once) stays clipped to the old scale (in
+    ``auto``, since it crosses on most steps, to the old typical norm itself) until
     enough steps fall within the boundary; re-attach, or pass ``None``. It also protects
     the warm-up: from the second step on, before a deviation is known, the model's norm
     is clipped at this multiple of its running typical value (and fed to the
@@ -81,14 +82,16 @@ class MonitorConfig:
 
     crossing_rate: float | None = 0.02
     """``auto`` with ``max_ratio``: how often the model norm may cross its boundary
-    (the above) before the clipping threshold tightens. While crossings are more frequent than this (a
-    learning rate too high for the run, or norms heavy-tailed enough that steps far
-    beyond the typical one are routine), the model's threshold comes down from the
-    boundary towards the typical norm itself, never below it, so a step's size is
-    held at the scale of a typical step; as crossings become rare it rises back. One
-    crossing tightens it by about a seventh of the way; at 0.02 it relaxes fully in
-    about 330 steps without one. Events (``z_threshold``) are not affected. ``None``:
-    the threshold stays at the boundary."""
+    (above) before the clipping threshold tightens. While crossings are more frequent
+    than this (a learning rate too high for the run, or norms heavy-tailed enough that
+    steps far beyond the typical one are routine), the model's threshold comes down
+    from the boundary towards the typical norm itself, never below it, so a step's
+    size is held at the scale of a typical step; as crossings become rare it rises
+    back. One crossing tightens it by about a seventh of the way; at 0.02 it relaxes
+    fully in about 330 steps without one. Events (``z_threshold``) and the statistics
+    are not affected. The price: on healthy runs with heavy-tailed norms (small
+    batches) many normal steps are clipped at about the typical norm. ``None``: the
+    threshold stays at the boundary."""
 
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many

@@ -139,8 +139,9 @@ def make(method: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     if method == "gradwatch":
         import gradwatch
 
-        name = "gradwatch" + "".join(f"({k}={v:g})" for k, v in options.items()
-                                     if k != "run_dir")
+        name = "gradwatch" + "".join(
+            f"({k}={v:g})" if isinstance(v, (int, float)) else f"({k}={v})"
+            for k, v in options.items() if k != "run_dir")
         monitor = gradwatch.attach(model, optimizer, run_dir=options.pop("run_dir", False),
                                    **options)
         return Hook(name, monitor.step, monitor=monitor)
