@@ -23,6 +23,19 @@ def _drive(monitor, stream, start, stop):
         monitor.step()
 
 
+def _resumed(monitor, model, step, sigma, **options):
+    """A new monitor on ``model`` loaded from ``monitor``'s state through a file, and a
+    gradient stream that goes on from ``step``."""
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = gradwatch.attach(model, **options)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    stream = GradStream(model, sigma=sigma)
+    stream.step = step
+    return resumed, stream
+
+
 @pytest.mark.parametrize("clip", ["auto", "percentile", "zscore"])
 def test_resume_gives_identical_decisions(clip):
     options = dict(clip=clip, log_every=7, window=32, nonfinite="zero")
@@ -37,16 +50,8 @@ def test_resume_gives_identical_decisions(clip):
     first = gradwatch.attach(model_a, **options)
     stream_a = GradStream(model_a, sigma=0.15)
     _drive(first, stream_a, 0, 100)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-
     torch.manual_seed(1)  # a fresh process: other weights do not matter to the monitor
-    model_b = TinyNet()
-    resumed = gradwatch.attach(model_b, **options)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    stream_b = GradStream(model_b, sigma=0.15)
-    stream_b.step = 100
+    resumed, stream_b = _resumed(first, TinyNet(), 100, 0.15, **options)
     _drive(resumed, stream_b, 100, 200)
 
     a = full.steps().set_index("step").loc[100:]
@@ -105,14 +110,7 @@ def test_resume_keeps_a_tightened_threshold():
     model_a = mlp()
     first = gradwatch.attach(model_a, run_dir=False)
     drive(first, GradStream(model_a, sigma=0.1), 0, 80)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-    model_b = mlp()
-    resumed = gradwatch.attach(model_b, run_dir=False)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    stream_b = GradStream(model_b, sigma=0.1)
-    stream_b.step = 80
+    resumed, stream_b = _resumed(first, mlp(), 80, 0.1, run_dir=False)
     drive(resumed, stream_b, 80, 120)
 
     a = full.steps().set_index("step").loc[80:]
