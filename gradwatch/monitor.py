@@ -30,6 +30,7 @@ import atexit
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from statistics import NormalDist
@@ -63,14 +64,36 @@ STATE_VERSION = 1
 # the run record holds every step even when the monitor itself went out of scope (a
 # training function that returned, a notebook cell run again).
 _live_monitors: set[GradMonitor] = set()
+# The type of the uncaught exception that is ending the program, if one is (recorded
+# by the excepthook below, which runs before the exit hooks).
+_uncaught: str | None = None
+_excepthook_installed = False
 
 
 def _close_live_monitors() -> None:
     for monitor in list(_live_monitors):
+        monitor._exit_error = _uncaught
         try:
             monitor.detach()
         except Exception:  # noqa: BLE001 - exiting: never raise from atexit
             pass
+
+
+def _install_excepthook() -> None:
+    """Note the type of an uncaught exception, then hand it to the previous hook, so a
+    run record closed at exit says the program crashed instead of finished."""
+    global _excepthook_installed
+    if _excepthook_installed:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):  # noqa: ANN001 - sys.excepthook's signature
+        global _uncaught
+        _uncaught = getattr(kind, "__name__", str(kind))
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+    _excepthook_installed = True
 
 
 def family_z(z: float, num_tests: int) -> float:
@@ -271,6 +294,7 @@ class GradMonitor:
         )
         self._pending = 0
         self._step = 0
+        self._exit_error: str | None = None
         self._plans: dict[tuple[int, ...], GradPlan] = {}
         self._warned_scaled = False
         self._warned_unhandled = False
@@ -916,10 +940,17 @@ class GradMonitor:
         reporter.start(self)
         self._reporters.reporters.append(reporter)
         _live_monitors.add(self)
+        _install_excepthook()
         # atexit runs the last-registered hook first: re-registering after every start
         # puts our flush before the exit hooks of what the reporters started (W&B's).
         atexit.unregister(_close_live_monitors)
         atexit.register(_close_live_monitors)
+
+    @property
+    def exit_error(self) -> str | None:
+        """At interpreter exit after an uncaught exception: its type's name (the
+        reporters closing then record a crash); otherwise ``None``."""
+        return self._exit_error
 
     @property
     def run_dir(self) -> str | None:

@@ -224,6 +224,7 @@ def run_summary(run: RunData) -> dict[str, Any]:
     kinds = events["kind"].astype(str).value_counts() if len(events) else {}
     return {
         "status": meta.get("status", "unknown"),
+        "error": meta.get("error"),
         "created": meta.get("created", ""),
         "gradwatch_version": meta.get("gradwatch_version", ""),
         "sessions": len(meta.get("sessions", [])),
@@ -247,7 +248,9 @@ def summary_text(run: RunData, source: str = "", top: int = 10) -> str:
     a = s["actions"]
     lines = [
         f"run          {_printable(source)}",
-        f"status       {s['status']}, {s['sessions']} session(s), gradwatch "
+        f"status       {s['status']}"
+        + (f" ({_printable(str(s['error']))})" if s["error"] else "")
+        + f", {s['sessions']} session(s), gradwatch "
         f"{s['gradwatch_version']}, created {s['created']}",
         f"steps        {s['steps']}{span}, {s['layers']} layer(s), clip={s['clip']!r}",
         f"clip rate    {s['clip_rate']:.2%} (norm {a['clip_norm']}, value {a['clip_value']}), "
@@ -665,7 +668,12 @@ def _html_header(run: RunData, title: str, source: str) -> str:
         f"{_e(s['gradwatch_version'])}, created {_e(s['created'])}</p>",
         "<nav>" + "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in _SECTIONS) + "</nav>",
     ]
-    if s["status"] != "finished":
+    if s["status"] == "crashed":
+        parts.append(
+            f'<p class="banner">Status <b>crashed</b>: the program ended with an uncaught '
+            f'{_e(str(s["error"]))}; every step it recorded is here.</p>'
+        )
+    elif s["status"] != "finished":
         parts.append(
             f'<p class="banner">Status <b>{_e(s["status"])}</b>: the run was still running, '
             "or was killed, when this report was made; it shows the steps on disk so far.</p>"

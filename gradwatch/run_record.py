@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     meta.json                    format, versions, config, layer table, sessions, status
+                                 (running, finished, or crashed with the exception's type)
     steps/part-<session>-<first step>.parquet    one row per step
     layers/part-<session>-<first step>.parquet   one row per (step, layer)
     events/part-<session>-<first step>.parquet   one row per event
@@ -119,6 +120,7 @@ class RunRecorder:
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                  "config": monitor.config.to_dict()})
         meta["status"] = "running"
+        meta.pop("error", None)  # a crash of an earlier session
         meta["last_step"] = monitor.num_steps - 1
         self._meta = meta
         _write_json_atomic(meta_path, meta)
@@ -138,7 +140,10 @@ class RunRecorder:
 
     def close(self, monitor: GradMonitor) -> None:
         self._write(monitor)
-        self._meta["status"] = "finished"
+        error = monitor.exit_error
+        self._meta["status"] = "crashed" if error else "finished"
+        if error:
+            self._meta["error"] = error
         _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
     # ------------------------------------------------------------------ writing
