@@ -344,7 +344,7 @@ ENDING_RUN = textwrap.dedent(
 def test_exit_flush_records_whether_the_program_crashed(tmp_path, crash):
     # Never detached: the exit hook flushes the 50 steps, after an uncaught exception
     # too, and meta.json says which way the program ended.
-    from gradwatch.report import summary_text
+    from gradwatch.report import render_html, summary_text
 
     run = tmp_path / "run"
     script = ENDING_RUN.format(tests=os.path.join(ROOT, "tests"), run=str(run), crash=crash)
@@ -357,5 +357,6 @@ def test_exit_flush_records_whether_the_program_crashed(tmp_path, crash):
         assert "ValueError: the training loop failed" in proc.stderr  # still printed
         assert data.meta["status"] == "crashed" and data.meta["error"] == "ValueError"
         assert "status       crashed (ValueError)" in summary_text(data)
+        assert "ended with an uncaught ValueError" in render_html(data)
     else:
         assert data.meta["status"] == "finished" and "error" not in data.meta
