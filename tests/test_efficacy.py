@@ -22,9 +22,24 @@ def test_score_counts_hits_latency_and_false_alarms():
     # 202 lies in 200's window; 499 and 600 are false alarms.
     assert s["recall"] == pytest.approx(2 / 3)
     assert s["latency"] == [0, 2]
-    assert s["false_alarms"] == 2
+    assert s["false_alarms"] == 2 and s["true_flags"] == 3
     blowup = faults.score("lr_blowup", {470})
     assert blowup["recall"] == 1.0 and blowup["latency"] == [20]
+    # Precision pools every stream's flags: 3 + 1 inside a window, 2 outside.
+    entry = {k: [] for k in faults.KINDS}
+    entry["loss_spike"].append({"score": s})
+    entry["lr_blowup"].append({"score": blowup})
+    assert faults.precision(entry) == pytest.approx(4 / 6)
+
+
+def test_action_cell_counts_the_actions_at_the_injected_steps():
+    actions = ["none"] * faults.STEPS
+    actions[200], actions[350] = "skip", "skip"
+    assert faults.action_cell("nan", [{"actions": actions}]) == "skip 2, none 1"
+    start = faults.KINDS["lr_blowup"][0][0]
+    actions[start:start + 10] = ["clip_norm"] * 10
+    assert faults.action_cell("lr_blowup", [{"actions": actions}]) == (
+        f"clipped {100 * 10 / faults.BLOWUP_LEN:.0f} %")
 
 
 def test_a_nan_fault_is_skipped_by_gradwatch_and_kills_plain_training(monkeypatch):
@@ -34,6 +49,8 @@ def test_a_nan_fault_is_skipped_by_gradwatch_and_kills_plain_training(monkeypatc
     plain = faults.run(data, ("none", {}), 0, "nan")
     assert 200 in watched["flagged"] and watched["accuracy"] > 0.8
     assert plain["accuracy"] < 0.2  # the NaN reached the weights
+    # What each did at the injected step: gradwatch skipped it, plain training not.
+    assert watched["actions"][200] == "skip" and plain["actions"][200] == "none"
 
 
 def test_lm_spike_count_reads_the_loss_curve():

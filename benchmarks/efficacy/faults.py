@@ -88,8 +88,13 @@ def run(data, spec, seed: int, kind: str | None, keep_monitor: bool = False) -> 
         hook(model)
         opt.step()
     test_loss, acc = M.evaluate(model, x_te, y_te)
+    clipped = hook.clipped()
+    if hook.monitor is not None:  # gradwatch chooses: clip by norm or by value, or skip
+        actions = [str(a) for a in hook.monitor.steps().action]
+    else:  # the others only ever scale the whole gradient
+        actions = ["clip_norm" if c else "none" for c in clipped]
     out = {"test_loss": test_loss, "accuracy": acc, "flagged": hook.flagged(),
-           "clipped": hook.clipped(), "name": hook.name}
+           "clipped": clipped, "actions": actions, "name": hook.name}
     if hook.monitor is not None:
         hook.monitor.detach()
         if keep_monitor:
@@ -99,7 +104,7 @@ def run(data, spec, seed: int, kind: str | None, keep_monitor: bool = False) -> 
 
 def score(kind: str, flagged: set[int]) -> dict:
     """Recall and latency over the injections of ``kind``; flags outside every fault
-    window are false alarms."""
+    window are false alarms (precision: the share of flags inside one)."""
     latency, covered = [], set()
     hits = 0
     for step, _ in KINDS[kind]:
@@ -109,8 +114,30 @@ def score(kind: str, flagged: set[int]) -> dict:
         if near:
             hits += 1
             latency.append(min(near) - step)
+    false_alarms = len([f for f in flagged if f not in covered])
     return {"recall": hits / len(KINDS[kind]), "latency": latency,
-            "false_alarms": len([f for f in flagged if f not in covered])}
+            "false_alarms": false_alarms, "true_flags": len(flagged) - false_alarms}
+
+
+def precision(entry: dict) -> float:
+    """Flags inside a fault window over all flags, pooled over every fault stream."""
+    true = sum(r["score"]["true_flags"] for k in KINDS for r in entry[k])
+    false = sum(r["score"]["false_alarms"] for k in KINDS for r in entry[k])
+    return true / (true + false) if true + false else math.nan
+
+
+def action_cell(kind: str, runs: list[dict]) -> str:
+    """What the method did at the injected steps, over the seeds (for the blow-up, the
+    share of its steps that were clipped)."""
+    if kind == "lr_blowup":
+        start = KINDS[kind][0][0]
+        window = [a for r in runs for a in r["actions"][start:start + BLOWUP_LEN]]
+        return f"clipped {100 * sum(a != 'none' for a in window) / len(window):.0f} %"
+    counts: dict[str, int] = {}
+    for r in runs:
+        for step, _ in KINDS[kind]:
+            counts[r["actions"][step]] = counts.get(r["actions"][step], 0) + 1
+    return ", ".join(f"{a} {n}" for a, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def mean(values) -> float:
@@ -215,14 +242,17 @@ def write(args, table) -> None:
         "run; or how many seeds diverged). Flagged means: gradwatch's events; ZClip's "
         "z-score rule firing after its warm-up (not a clip by its fixed ceiling); "
         "AutoClip's clips (norms above its running quantile). Fixed clipping flags "
-        "nothing. The last columns are on the clean runs: false alarms per 1,000 steps, "
+        "nothing. **Precision**: the share of a method's flags on the fault streams that "
+        "fall inside a fault's window (a flag after it, while the optimizer's momentum "
+        "still carries the fault, counts against it). The last columns are on the clean "
+        "runs: false alarms per 1,000 steps, "
         "the share of steps the method clipped, the clean accuracy, and the blow-up "
         "recall a method would reach by chance: the probability that at least one of "
         f"its clean-run flags (at its false-alarm rate) lands in the {BLOWUP_LEN + 1}-step "
         "blow-up window. A blow-up recall near that number says little.", "",
-        "| method | " + " | ".join(kinds) + " | false alarms / 1k steps (clean) | "
+        "| method | " + " | ".join(kinds) + " | precision | false alarms / 1k steps (clean) | "
         "steps clipped (clean) | accuracy (clean) | blow-up recall by chance |",
-        "|---|" + "---|" * (len(kinds) + 4),
+        "|---|" + "---|" * (len(kinds) + 5),
     ]
     for name, entry in table.items():
         clean = entry["clean"]
@@ -230,9 +260,25 @@ def write(args, table) -> None:
         clipped = mean(sum(r["clipped"]) / STEPS for r in clean)
         acc = mean(r["accuracy"] for r in clean)
         chance = 1 - (1 - false_alarms / 1000) ** (BLOWUP_LEN + 1)
+        prec = precision(entry)
         lines.append(f"| {name} | " + " | ".join(_cell(entry[k]) for k in kinds)
+                     + (f" | {prec:.2f}" if math.isfinite(prec) else " | –")
                      + f" | {false_alarms:.1f} | {100 * clipped:.1f}% | {acc:.3f} | "
                      f"{chance:.2f} |")
+    lines += [
+        "", "## What each method did at the injected steps", "",
+        f"Actions at the injected steps over the {args.seeds} seeds (three injections a "
+        "stream): `clip_norm` scales the whole gradient, `clip_value` clips the "
+        "components of the layers where the excess is concentrated, `skip` drops the "
+        "step, `none` lets it through. Only gradwatch chooses among them; the other "
+        "methods can only scale the whole gradient, and a NaN gradient scaled is still "
+        "NaN. For the blow-up, the share of its steps clipped.", "",
+        "| method | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for name, entry in table.items():
+        lines.append(f"| {name} | " + " | ".join(action_cell(k, entry[k]) for k in kinds)
+                     + " |")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
