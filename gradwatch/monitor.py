@@ -13,7 +13,8 @@ What one step does, all on the device and without reading any value on the host:
    coefficient clamped to at most 1, per-layer value thresholds (``inf`` for none),
    a skip flag; applied unconditionally, like ``torch.nn.utils.clip_grad_norm_``;
 4. a robust update of the statistics (values beyond the threshold are fed back
-   clipped, non-finite values never enter);
+   clipped, non-finite values never enter) and, in ``auto``, of how far the model's
+   threshold is tightened by frequent crossings;
 5. one row written into a device buffer. Every ``log_every`` steps the buffer goes to
    the host in one transfer; that is the only host synchronisation.
 
