@@ -147,6 +147,12 @@ def specs() -> list[tuple[str, dict]]:
             + [("gradwatch", {})])
 
 
+def label(spec: tuple[str, dict]) -> str:
+    """The name a method's row carries: none, norm(0.3), gradwatch."""
+    method, opts = spec
+    return f"norm({opts['threshold']:g})" if method == "norm" else method
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -155,11 +161,18 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--out", type=Path, default=HERE / "rnn.md")
+    parser.add_argument("--methods", nargs="+", choices=[label(s) for s in specs()],
+                        help="a subset of the methods (default: all)")
     args = parser.parse_args(argv)
+    chosen = [s for s in specs() if args.methods is None or label(s) in args.methods]
+    extra = "" if args.steps == STEPS else f" --steps {args.steps}"
+    if args.methods is not None:
+        extra += " --methods " + " ".join(f"'{m}'" for m in args.methods)
     lines = [
         "# Experiment 2: tanh RNN on the addition and temporal-order problems", "",
         f"Produced by `python benchmarks/efficacy/rnn.py --seeds {args.seeds} --tasks "
-        f"{' '.join(args.tasks)} --lengths {' '.join(map(str, args.lengths))}`. A one-layer "
+        f"{' '.join(args.tasks)} --lengths {' '.join(map(str, args.lengths))}{extra}`. "
+        "A one-layer "
         f"tanh RNN ({HIDDEN} units, recurrent matrix at spectral radius {RADIUS}), plain "
         f"SGD at lr {args.lr:g}, batch {BATCH}, at most {args.steps} steps, evaluated "
         f"every {EVAL_EVERY} steps on 1,000 fixed test sequences. Solved: test MSE under "
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
             lines += [f"## {task}, T = {length}", "",
                       "| method | solved | steps to solve | diverged | error if unsolved "
                       "| steps clipped |", "|---|---|---|---|---|---|"]
-            for spec in specs():
+            for spec in chosen:
                 res = [run(task, length, spec, s, args.steps, args.lr)
                        for s in range(args.seeds)]
                 name = res[0]["name"]
