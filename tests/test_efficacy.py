@@ -99,3 +99,16 @@ def test_rnn_problems_are_what_they_say():
     first = symbol.gather(1, pos[:, :1])[:, 0] - 4
     second = symbol.gather(1, pos[:, 1:])[:, 0] - 4
     assert torch.equal(y, 2 * first + second)
+
+
+def test_rnn_methods_option_runs_only_those_and_says_so(tmp_path):
+    import rnn
+
+    out = tmp_path / "rnn.md"
+    rnn.main(["--seeds", "1", "--tasks", "order", "--lengths", "50", "--steps", "20",
+              "--methods", "norm(0.3)", "gradwatch", "--out", str(out)])
+    text = out.read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["norm(0.3)", "gradwatch"]
+    assert "--steps 20 --methods 'norm(0.3)' 'gradwatch'`" in text
