@@ -226,17 +226,32 @@ GC_RUN = textwrap.dedent(
 
     train()
     gc.collect()
+    if {crash!r}:
+        raise ValueError("the training loop failed")
     """
 )
 
 
-def test_monitor_dropped_without_detach_is_flushed_at_exit(tmp_path):
+@pytest.mark.parametrize("crash", [False, True])
+def test_monitor_dropped_without_detach_is_flushed_at_exit(tmp_path, crash):
+    # The exit hook flushes every step, after an uncaught exception too, and meta.json
+    # says which way the program ended.
+    from gradwatch.report import render_html, summary_text
+
     run = tmp_path / "run"
-    script = GC_RUN.format(tests=os.path.join(ROOT, "tests"), run=str(run))
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    script = GC_RUN.format(tests=os.path.join(ROOT, "tests"), run=str(run), crash=crash)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == (1 if crash else 0), proc.stderr
     data = load_run(run)
     assert list(data.steps.step) == list(range(255))
-    assert data.meta["status"] == "finished"
+    if crash:
+        assert "ValueError: the training loop failed" in proc.stderr  # still printed
+        assert data.meta["status"] == "crashed" and data.meta["error"] == "ValueError"
+        assert "status       crashed (ValueError)" in summary_text(data)
+        assert "ended with an uncaught ValueError" in render_html(data)
+    else:
+        assert data.meta["status"] == "finished" and "error" not in data.meta
 
 
 def test_resume_drops_what_the_abandoned_run_recorded_after_the_checkpoint(tmp_path):
@@ -319,44 +334,3 @@ def test_reporter_that_cannot_start_leaves_no_half_made_run(tmp_path):
         gradwatch.attach(opt_model, opt, run_dir=tmp_path / "run", reporters=[Broken()])
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["status"] == "finished"
     assert "step" not in opt.__dict__
-
-
-ENDING_RUN = textwrap.dedent(
-    """
-    import sys, torch
-    sys.path.insert(0, {tests!r})
-    import gradwatch
-    from helpers import GradStream, mlp
-    model = mlp()
-    monitor = gradwatch.attach(model, run_dir={run!r}, log_every=10, flush_every=1000)
-    stream = GradStream(model)
-    for t in range(50):
-        stream.write()
-        monitor.step()
-    if {crash!r}:
-        raise ValueError("the training loop failed")
-    """
-)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("crash", [True, False])
-def test_exit_flush_records_whether_the_program_crashed(tmp_path, crash):
-    # Never detached: the exit hook flushes the 50 steps, after an uncaught exception
-    # too, and meta.json says which way the program ended.
-    from gradwatch.report import render_html, summary_text
-
-    run = tmp_path / "run"
-    script = ENDING_RUN.format(tests=os.path.join(ROOT, "tests"), run=str(run), crash=crash)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == (1 if crash else 0), proc.stderr
-    data = load_run(run)
-    assert list(data.steps.step) == list(range(50))
-    if crash:
-        assert "ValueError: the training loop failed" in proc.stderr  # still printed
-        assert data.meta["status"] == "crashed" and data.meta["error"] == "ValueError"
-        assert "status       crashed (ValueError)" in summary_text(data)
-        assert "ended with an uncaught ValueError" in render_html(data)
-    else:
-        assert data.meta["status"] == "finished" and "error" not in data.meta
