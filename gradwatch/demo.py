@@ -199,8 +199,8 @@ def run(out: Path, *, seed: int = 0, steps: int = 400, lr: float = 0.05,
     print(f"Before the first fault ({first} steps of clean training): "
           f"{sum(s < first for s in false_alarms)} flagged, "
           f"{int((before['action'] != 'none').sum())} clipped (a norm more than "
-          f"{monitor.config.max_ratio or 0:g}x its typical value is scaled back to it, and "
-          "while norms cross that often, the threshold comes down towards the typical "
+          f"{monitor.config.max_ratio or 0:g}x its typical value is scaled back to it; while "
+          "norms cross that line often, the threshold comes down towards the typical "
           "value).")
     later = [s for s in false_alarms if s >= first]
     if later:

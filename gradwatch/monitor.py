@@ -544,7 +544,14 @@ class GradMonitor:
         anomalous = (
             (armed & valid & ~nonfinite)[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1])
         )
-        norm_thr = torch.where(armed[: n + 1], (mean[: n + 1] + bound[: n + 1]).exp(), math.inf)
+        clip_bound = bound
+        if self._tightens:
+            # Frequent crossings: the model's threshold comes down towards the typical
+            # norm (never below), bounding each step at a typical one.
+            clip_bound = torch.cat([bound[:1] * (1 - self._tightness), bound[1 : n + 1]])
+        norm_thr = torch.where(
+            armed[: n + 1], (mean[: n + 1] + clip_bound[: n + 1]).exp(), math.inf
+        )
         conc_z = z[2 * n + 1 :]
         concentrated = anomalous[1:] & (conc_z > cfg.concentration_z)
 
@@ -600,12 +607,6 @@ class GradMonitor:
                 concentrated, (mean[lm] + self._z_clip[lm] * std[lm]).exp(), math.inf
             )
             value_clipped = concentrated.any()
-            if self._tightens:
-                # Frequent crossings: the model's threshold comes down towards the
-                # typical norm (never below), bounding each step at a typical one.
-                model_thr = (mean[:1] + bound[:1] * (1 - self._tightness)).exp()
-                norm_thr = torch.cat([torch.where(armed[:1], model_thr, math.inf), norm_thr[1:]])
-                threshold = norm_thr[0]
             threshold = self._ceiling(threshold)
 
         host = self._host_branches
