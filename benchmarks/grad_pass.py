@@ -77,10 +77,7 @@ def sweep(configs: list[tuple[int, int]], device: torch.device, bw: float,
                                        granularity="parameter", **kwargs)
             row[f"{mode}_ms"] = 1e3 * _time(monitor.step, device, reps)
             if mode == "auto":
-                state = [monitor._stats.mean, monitor._stats.var, monitor._stats.count,
-                         monitor._window.values,
-                         monitor._buffer]
-                row["state_kib"] = sum(t.numel() * t.element_size() for t in state) / 1024
+                row["state_kib"] = monitor.memory_bytes / 1024
             monitor.detach()
         rows.append(row)
         del model, params

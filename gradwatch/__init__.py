@@ -16,9 +16,10 @@ table is asked for.
 
 from __future__ import annotations
 
+from .attaching import attach
 from .config import MonitorConfig
-from .monitor import GradMonitor, StepResult, attach
+from .monitor import GradMonitor
+from .result import StepResult
+from .version import __version__
 
 __all__ = ["GradMonitor", "MonitorConfig", "StepResult", "attach", "__version__"]
-
-__version__ = "0.1.0"

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import NORM_MODES
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -408,7 +410,7 @@ def recurrent_explosions(
         return None
     clip_mode = meta.get("config", {}).get("clip")
     norm_clipped = int((rec_events["action"].astype(str) == "clip_norm").sum())
-    if clip_mode in ("auto", "norm", "zscore", "percentile"):
+    if clip_mode in NORM_MODES:
         doing = (
             f"This run clips with clip={clip_mode!r}, which rescaled {norm_clipped} of those "
             "steps by norm: keep it."

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 CLIP_MODES = ("auto", "norm", "value", "agc", "zscore", "percentile", "none")
+# The modes that scale all gradients by one norm-clipping coefficient (which a fused
+# optimizer can apply through its grad_scale): declared here, once.
+NORM_MODES = frozenset(("auto", "norm", "zscore", "percentile"))
 NONFINITE_MODES = ("skip", "zero")
 GRANULARITIES = ("module", "parameter")
 
@@ -162,6 +165,11 @@ class MonitorConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field, its value and the fix."""
+        self._validate_clipping()
+        self._validate_statistics()
+        self._validate_grouping()
+
+    def _validate_clipping(self) -> None:
         _choice("clip", self.clip, CLIP_MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_MODES)
         _choice("granularity", self.granularity, GRANULARITIES)
@@ -208,6 +216,8 @@ class MonitorConfig:
                     f"z_threshold={self.z_threshold!r}: steps are clipped above z_threshold "
                     "and skipped only above skip_threshold; raise it or pass None"
                 )
+
+    def _validate_statistics(self) -> None:
         _in_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
         _integer("warmup_steps", self.warmup_steps, minimum=1)
         _positive("min_std", self.min_std)
@@ -230,6 +240,7 @@ class MonitorConfig:
                 "with max_norm as a ceiling), or leave max_norm=None"
             )
 
+    def _validate_grouping(self) -> None:
         groupings = [
             name
             for name in ("group_depth", "group_prefixes", "group_pattern")

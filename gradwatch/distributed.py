@@ -22,6 +22,7 @@ never touches it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -169,3 +170,68 @@ class ShardReducer:
         """Sums over the group of this rank's ``counts`` (at construction only)."""
         t = torch.tensor(counts, dtype=torch.float64, device=device)
         return [int(v) for v in self.sum(t).tolist()]
+
+
+@dataclass(frozen=True)
+class ShardSetup:
+    """How a monitor combines per-layer values of sharded gradients.
+
+    Attributes:
+        reducer: the collectives over the sharding group.
+        sum_weight: per parameter, 1.0 if its sums count on this rank, 0.0 for a whole
+            (replicated) gradient on all but the group's rank 0; ``None``: all count.
+        param_numel: per parameter, the whole parameter's element count where it
+            differs from what this rank sees (FSDP1's flat shards); ``None``: as seen.
+    """
+
+    reducer: ShardReducer
+    sum_weight: tuple[float, ...] | None
+    param_numel: tuple[int, ...] | None
+
+
+def shard_setup(model: nn.Module, params: tuple[nn.Parameter, ...], process_group: Any,
+                device: torch.device, clip: str) -> ShardSetup | None:
+    """The sharded-reduction set-up for ``model``, or ``None`` when no communication is
+    needed (single process, DDP, or a group of one).
+
+    Args:
+        model: the (unwrapped) model.
+        params: its monitored parameters.
+        process_group: ``"auto"`` to find FSDP's group (:func:`shard_layout`), a group
+            over which every gradient element lives on exactly one rank, or ``None``.
+        device: where the per-layer values live.
+        clip: the clipping mode (``"agc"`` needs whole parameters and is refused).
+
+    Raises:
+        ValueError: ``clip="agc"`` with sharded gradients, or a layout that
+            :func:`shard_layout` cannot reduce on its own.
+    """
+    if process_group == "auto":
+        group, sharded = shard_layout(model, params)
+    else:  # the caller's contract: every gradient element lives on one rank of it
+        group, sharded = process_group, (True,) * len(params)
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return None
+    if clip == "agc":
+        raise ValueError(
+            "clip='agc' is not supported with sharded gradients (FSDP): its unit-wise "
+            "norms need whole parameters; use clip='auto', 'norm' or 'value'"
+        )
+    reducer = ShardReducer(group)
+    sum_weight = None
+    if not all(sharded):
+        # A whole (replicated) gradient is on every rank of the group: its sums
+        # count once, from the group's rank 0.
+        lead = torch.distributed.get_rank(group) == 0
+        sum_weight = tuple(1.0 if s or lead else 0.0 for s in sharded)
+    # FSDP1 exposes each parameter as this rank's flat slice: the whole parameter's
+    # size is the sum over the group (DTensors report their global size). Which
+    # parameters these are is the same on every rank, so all take part or none.
+    from torch.distributed.tensor import DTensor
+
+    flat = [s and not isinstance(p, DTensor) for p, s in zip(params, sharded)]
+    numel = None
+    if any(flat):
+        total = reducer.total([p.numel() if f else 0 for p, f in zip(params, flat)], device)
+        numel = tuple(t if f else p.numel() for p, f, t in zip(params, flat, total))
+    return ShardSetup(reducer, sum_weight, numel)

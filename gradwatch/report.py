@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .records import ACTIONS
+from .rows import ACTIONS
 from .run_record import RunData, RunDirError, load_run
 
 if TYPE_CHECKING:

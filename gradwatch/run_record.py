@@ -28,14 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
-from .records import event_frame, layer_frame, step_frame
-from .reporting import Chunk
+from .history import event_frame, layer_frame, step_frame
+from .reporters import Chunk, RunInfo
+from .version import __version__
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from .monitor import GradMonitor
 
 FORMAT = "gradwatch-run"
 FORMAT_VERSION = 1
@@ -92,11 +90,11 @@ class RunRecorder:
         self._meta: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ Reporter
-    def start(self, monitor: GradMonitor) -> None:
+    def start(self, run: RunInfo) -> None:
         for table in TABLES:
             (self.run_dir / table).mkdir(parents=True, exist_ok=True)
         meta_path = self.run_dir / "meta.json"
-        layers = monitor.layers.describe()
+        layers = run.layers
         if meta_path.exists():
             meta = read_meta(self.run_dir)
             if [rec["layer"] for rec in meta["layers"]] != [rec["layer"] for rec in layers]:
@@ -110,51 +108,50 @@ class RunRecorder:
                 "format_version": FORMAT_VERSION,
                 "gradwatch_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "config": monitor.config.to_dict(),
+                "config": run.config.to_dict(),
                 "layers": layers,
-                "layer_z_threshold": monitor.layer_z_threshold,
-                "layer_clip_z": monitor.layer_clip_z,
+                "layer_z_threshold": run.layer_z_threshold,
+                "layer_clip_z": run.layer_clip_z,
                 "sessions": [],
             }
-        meta["sessions"].append({"id": self.session, "first_step": monitor.num_steps,
+        meta["sessions"].append({"id": self.session, "first_step": run.first_step,
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "config": monitor.config.to_dict()})
+                                 "config": run.config.to_dict()})
         meta["status"] = "running"
         meta.pop("error", None)  # a crash of an earlier session
-        meta["last_step"] = monitor.num_steps - 1
+        meta["last_step"] = run.first_step - 1
         self._meta = meta
         _write_json_atomic(meta_path, meta)
 
-    def resumed(self, monitor: GradMonitor) -> None:
+    def resumed(self, step: int) -> None:
         """The monitor was restored from a checkpoint: this session starts at its step,
         and on load its records replace anything recorded from that step on."""
-        self._meta["sessions"][-1]["first_step"] = monitor.num_steps
-        self._meta["last_step"] = monitor.num_steps - 1
+        self._meta["sessions"][-1]["first_step"] = step
+        self._meta["last_step"] = step - 1
         _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
-    def report(self, monitor: GradMonitor, chunk: Chunk) -> None:
+    def report(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)
         self._buffered += len(chunk.steps)
         if self._buffered >= self.flush_every:
-            self._write(monitor)
+            self._write()
 
-    def close(self, monitor: GradMonitor) -> None:
-        self._write(monitor)
-        error = monitor.exit_error
+    def close(self, error: str | None) -> None:
+        self._write()
         self._meta["status"] = "crashed" if error else "finished"
         if error:
             self._meta["error"] = error
         _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
     # ------------------------------------------------------------------ writing
-    def _write(self, monitor: GradMonitor) -> None:
+    def _write(self) -> None:
         if not self._chunks:
             return
         chunks = self._chunks
         steps = np.concatenate([c.steps for c in chunks])
         rows = np.concatenate([c.rows for c in chunks])
         events = [e for c in chunks for e in c.events]
-        layout, names = monitor._layout, monitor.layers.names
+        layout, names = chunks[0].layout, chunks[0].layer_names
         name = f"part-{self.session}-{int(steps[0]):012d}.parquet"
         frames = {
             "events": event_frame(events),
@@ -299,7 +296,8 @@ def _read_part(path: Path):
 def _empty(table: str, meta: dict[str, Any]):
     import pandas as pd
 
-    from .records import EVENT_COLUMNS, LAYER_FIELDS, STEP_FIELDS
+    from .events import EVENT_COLUMNS
+    from .rows import LAYER_FIELDS, STEP_FIELDS
 
     if table == "steps":
         return pd.DataFrame(columns=["step", *STEP_FIELDS])

@@ -19,21 +19,17 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .records import ACTIONS
-
-if TYPE_CHECKING:
-    from .layers import GradPlan
-    from .monitor import GradMonitor
-    from .reporting import Chunk
+from .reporters import Chunk, ProbeInput, RunInfo
+from .totals import EVENT_KINDS, RunTotals
 
 INSTALL = 'pip install "gradwatch[wandb]"'
-ALERT_KINDS = ("explosion", "nonfinite", "amp_overflow")
+ALERT_KINDS = EVENT_KINDS
 _clock = time.monotonic  # alert rate limiting; a module attribute so tests can drive it
 
 
@@ -101,73 +97,54 @@ class WandbReporter:
         self._last_alert: dict[str, float] = {}
         self._suppressed: dict[str, int] = dict.fromkeys(ALERT_KINDS, 0)
         self._overflow_steps: deque[int] = deque()
-        self._totals = {"steps": 0, "max_norm": 0.0, "worst_z": -math.inf, "worst_layer": ""}
-        self._action_counts = dict.fromkeys(ACTIONS, 0)
-        self._event_counts = dict.fromkeys(ALERT_KINDS, 0)
+        self._totals = RunTotals()
         self._alerts_sent = 0
+        self._layer_names: tuple[str, ...] = ()
+
+    @property
+    def probe_every(self) -> int | None:
+        """Histograms are computed on the device every ``hist_every`` steps."""
+        return self.hist_every
 
     # ------------------------------------------------------------------ Reporter
-    def start(self, monitor: GradMonitor) -> None:
+    def start(self, run: RunInfo) -> None:
         wandb = require_wandb()
-        unknown = [n for n in self.value_hist_layers if n not in monitor.layers.names]
+        names = run.layer_names
+        unknown = [n for n in self.value_hist_layers if n not in names]
         if unknown:  # before any run is started, so a bad option leaves nothing open
             raise ValueError(
                 f"value_hist_layers={list(self.value_hist_layers)!r}: no layer named "
-                f"{unknown[0]!r}; the monitor's layers are {list(monitor.layers.names)[:8]}"
+                f"{unknown[0]!r}; the monitor's layers are {list(names)[:8]}"
             )
-        run = self._run if self._run is not None else wandb.run
-        if run is None:
-            run = wandb.init(**self._init_kwargs)
+        self._layer_names = names
+        wandb_run = self._run if self._run is not None else wandb.run
+        if wandb_run is None:
+            wandb_run = wandb.init(**self._init_kwargs)
             self._owns_run = True
-        self.run = run
+        self.run = wandb_run
         p = self.prefix
-        run.define_metric(f"{p}/step")
-        run.define_metric(f"{p}/*", step_metric=f"{p}/step")
-        run.config.update({p: monitor.config.to_dict()}, allow_val_change=True)
-        if self.hist_every is not None:
-            monitor.add_probe(self._histograms, every=self.hist_every)
+        wandb_run.define_metric(f"{p}/step")
+        wandb_run.define_metric(f"{p}/*", step_metric=f"{p}/step")
+        wandb_run.config.update({p: run.config.to_dict()}, allow_val_change=True)
 
-    def report(self, monitor: GradMonitor, chunk: Chunk) -> None:
-        lay = monitor._layout
-        names = monitor.layers.names
+    def report(self, chunk: Chunk) -> None:
         p = self.prefix
-        for i, step in enumerate(chunk.steps):
-            row = chunk.rows[i]
-            s = {name: float(row[j]) for name, j in lay.step.items()}
-            action = ACTIONS[int(s["action"])]
-            self._action_counts[action] += 1
-            data: dict[str, Any] = {
-                f"{p}/step": int(step),
-                f"{p}/global_norm": s["global_norm"],
-                f"{p}/clipped_norm": s["clipped_norm"],
-                f"{p}/threshold": s["threshold"],
-                f"{p}/z": s["z"],
-                f"{p}/coef": s["coef"],
-                f"{p}/explosion": int(s["explosion"] > 0),
-                f"{p}/nonfinite": int(s["nonfinite"] > 0),
-            }
-            for a, count in self._action_counts.items():
-                data[f"{p}/actions/{a}"] = count
-            norms = row[lay.layer["grad_norm"]]
-            present = row[lay.layer["present"]] > 0
-            if self.layer_norms:
-                for j in np.flatnonzero(present):
-                    data[f"{p}/grad_norm/{names[j]}"] = float(norms[j])
-            flagged = np.flatnonzero(row[lay.layer["flagged"]] > 0)
-            z = row[lay.layer["z"]]
-            for j in flagged:
-                data[f"{p}/flagged_z/{names[j]}"] = float(z[j])
-            self._update_totals(s, z, present, names)
+        counts = dict(self._totals.actions)
+        for step, metrics in zip(chunk.steps, chunk.metrics(layer_norms=self.layer_norms)):
+            counts[metrics["action"]] += 1
+            data: dict[str, Any] = {f"{p}/step": int(step)}
+            data.update((f"{p}/{k}", v) for k, v in metrics.items() if k != "action")
+            data.update((f"{p}/actions/{a}", c) for a, c in counts.items())
             self.run.log(data)
             hist = chunk.extras.get(int(step))
             if hist:
-                self._log_histograms(monitor, int(step), hist)
+                self._log_histograms(int(step), hist)
+        self._totals.add_rows(chunk.layout, chunk.layer_names, chunk.rows, chunk.events)
         for event in chunk.events:
-            self._event_counts[event["kind"]] = self._event_counts.get(event["kind"], 0) + 1
             self._maybe_alert(event)
         self.run.summary.update(self._summary())
 
-    def close(self, monitor: GradMonitor) -> None:
+    def close(self, error: str | None) -> None:
         # At interpreter exit W&B's own atexit hook may have finished the run already.
         if self.run is None or getattr(self.run, "_is_finished", False):
             return
@@ -176,32 +153,20 @@ class WandbReporter:
             self.run.finish()
 
     # ------------------------------------------------------------------ summary
-    def _update_totals(self, s: dict[str, float], z: np.ndarray, present: np.ndarray,
-                       names: Sequence[str]) -> None:
-        t = self._totals
-        t["steps"] += 1
-        if math.isfinite(s["global_norm"]):
-            t["max_norm"] = max(t["max_norm"], s["global_norm"])
-        if present.any():
-            j = int(np.argmax(np.where(present, z, -np.inf)))
-            if z[j] > t["worst_z"]:
-                t["worst_z"], t["worst_layer"] = float(z[j]), names[j]
-
     def _summary(self) -> dict[str, Any]:
         p, t = self.prefix, self._totals
-        clipped = self._action_counts["clip_norm"] + self._action_counts["clip_value"]
         out: dict[str, Any] = {
-            f"{p}/total_steps": t["steps"],
-            f"{p}/clip_rate": clipped / t["steps"] if t["steps"] else 0.0,
-            f"{p}/skip_count": self._action_counts["skip"],
-            f"{p}/max_global_norm": t["max_norm"],
-            f"{p}/worst_layer": t["worst_layer"],
-            f"{p}/worst_z": t["worst_z"] if math.isfinite(t["worst_z"]) else 0.0,
+            f"{p}/total_steps": t.steps,
+            f"{p}/clip_rate": t.clip_rate,
+            f"{p}/skip_count": t.actions["skip"],
+            f"{p}/max_global_norm": t.max_global_norm,
+            f"{p}/worst_layer": t.worst_layer,
+            f"{p}/worst_z": t.worst_z if math.isfinite(t.worst_z) else 0.0,
             f"{p}/alerts_sent": self._alerts_sent,
         }
-        for kind, count in self._event_counts.items():
+        for kind, count in t.events.items():
             out[f"{p}/events/{kind}"] = count
-        for action, count in self._action_counts.items():
+        for action, count in t.actions.items():
             out[f"{p}/actions_total/{action}"] = count
         return out
 
@@ -240,14 +205,12 @@ class WandbReporter:
         self._alerts_sent += 1
 
     # ------------------------------------------------------------------ histograms
-    def _histograms(
-        self, monitor: GradMonitor, plan: GradPlan, grads: list[Tensor], layer_max: Tensor
-    ) -> dict[str, Tensor]:
+    def probe(self, inputs: ProbeInput) -> dict[str, Tensor]:
         """On the device, without synchronising: per-layer histograms of the recent
         log norms (the monitor's window), and value histograms of selected layers."""
         b = self.bins
         out: dict[str, Tensor] = {}
-        window = monitor._window.values[1:]  # (L, W) natural-log norms, NaN where absent
+        window = inputs.recent_log_norms  # (L, W) natural-log norms, NaN where absent
         finite = torch.isfinite(window)
         lo = torch.where(finite, window, math.inf).amin(dim=1)
         hi = torch.where(finite, window, -math.inf).amax(dim=1)
@@ -257,13 +220,12 @@ class WandbReporter:
         counts = torch.zeros(window.shape[0], b, device=window.device)
         counts.scatter_add_(1, idx, finite.to(counts.dtype))
         out["norm_counts"], out["norm_lo"], out["norm_hi"] = counts, lo, hi
-        names = monitor.layers.names
-        layer_of = [monitor.layers.param_layer[i] for i in plan.positions]
+        layer_max = inputs.layer_max_abs
         for name in self.value_hist_layers:
-            li = names.index(name)
+            li = self._layer_names.index(name)
             m = layer_max[li]
             hist = torch.zeros(b, device=layer_max.device)
-            for g, gl in zip(grads, layer_of):
+            for g, gl in zip(inputs.grads, inputs.grad_layers):
                 if gl != li:
                     continue
                 # Scale to [-1, 1] by the layer's max |g| (a device value): histc's range
@@ -275,12 +237,12 @@ class WandbReporter:
             out[f"values_max/{name}"] = m.reshape(1)
         return out
 
-    def _log_histograms(self, monitor: GradMonitor, step: int, hist: dict[str, np.ndarray]) -> None:
+    def _log_histograms(self, step: int, hist: dict[str, np.ndarray]) -> None:
         wandb = require_wandb()
         p = self.prefix
         data: dict[str, Any] = {f"{p}/step": step}
         counts, lo, hi = hist["norm_counts"], hist["norm_lo"], hist["norm_hi"]
-        for j, name in enumerate(monitor.layers.names):
+        for j, name in enumerate(self._layer_names):
             if counts[j].sum() == 0 or not (math.isfinite(lo[j]) and math.isfinite(hi[j])):
                 continue
             top = hi[j] if hi[j] > lo[j] else lo[j] + 1.0

@@ -18,6 +18,7 @@ import torch
 
 import gradwatch
 from gradwatch.config import resolve_config
+from gradwatch.reporters import Chunk, RunInfo
 
 INSTALL = 'pip install "gradwatch[lightning]"'
 
@@ -138,7 +139,7 @@ class GradWatchCallback(pl.Callback):
 
 
 class LoggerReporter:
-    """Sends the monitor's per-step values to Lightning loggers (CSV, TensorBoard, ...)
+    """Sends the monitor's per-step metrics to Lightning loggers (CSV, TensorBoard, ...)
     with ``log_metrics(metrics, step=<monitor step>)``, every ``log_every`` steps.
 
     W&B is reported by :class:`gradwatch.wandb_reporter.WandbReporter` instead, which
@@ -149,27 +150,16 @@ class LoggerReporter:
         self.loggers = loggers
         self.prefix = prefix
 
-    def start(self, monitor: gradwatch.GradMonitor) -> None:
+    def start(self, run: RunInfo) -> None:
         pass
 
-    def report(self, monitor: gradwatch.GradMonitor, chunk: Any) -> None:
-        from gradwatch.records import ACTIONS
-
-        lay, names, p = monitor._layout, monitor.layers.names, self.prefix
-        for step, row in zip(chunk.steps, chunk.rows):
-            metrics = {f"{p}/{name}": float(row[lay.step[name]])
-                       for name in ("global_norm", "clipped_norm", "threshold", "z", "coef")}
-            action = ACTIONS[int(row[lay.step["action"]])]
-            metrics[f"{p}/clipped"] = float(action in ("clip_norm", "clip_value"))
-            metrics[f"{p}/skipped"] = float(action == "skip")
-            present = row[lay.layer["present"]] > 0
-            norms = row[lay.layer["grad_norm"]]
-            for j, name in enumerate(names):
-                if present[j]:
-                    metrics[f"{p}/grad_norm/{name}"] = float(norms[j])
+    def report(self, chunk: Chunk) -> None:
+        p = self.prefix
+        for step, values in zip(chunk.steps, chunk.metrics()):
+            metrics = {f"{p}/{k}": float(v) for k, v in values.items() if k != "action"}
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=int(step))
 
-    def close(self, monitor: gradwatch.GradMonitor) -> None:
+    def close(self, error: str | None) -> None:
         for logger in self.loggers:
             logger.save()

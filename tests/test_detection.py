@@ -77,7 +77,7 @@ def test_single_nan_does_not_poison_statistics(tiny_net):
     stream.write(diffuse={"head": 50.0})
     result = monitor.step()
     assert result.explosion and result.flagged_layers[0] == "head"
-    state = monitor.state_dict()["stats"]
+    state = monitor.state_dict()["detector"]["stats"]
     assert torch.isfinite(state["mean"]).all() and torch.isfinite(state["var"]).all()
     steps = monitor.steps()
     assert steps.threshold.iloc[WARMUP:].notna().all()

@@ -65,7 +65,7 @@ def test_nonfinite_step_is_skipped_bit_identically(opt_name, bad):
     assert event.step == 30 and event.layer == "2" and event.action == "skip"
     assert "statistics not updated" in event.reason
     # Training went on: the step after the bad one moved the parameters again.
-    stats = monitor.state_dict()["stats"]
+    stats = monitor.state_dict()["detector"]["stats"]
     assert all(torch.isfinite(v).all() for v in stats.values())
     assert monitor.steps().threshold.iloc[31:].notna().all()
 

@@ -203,7 +203,7 @@ def test_changing_gradient_sets_use_correct_norms_and_bounded_plans():
         totals.append(torch.nn.utils.get_total_norm(grads).item() if grads else 0.0)
         monitor.step()
     assert monitor.steps().global_norm.tolist() == pytest.approx(totals, rel=1e-5)
-    assert len(monitor._plans) <= 64
+    assert monitor._reader.num_plans <= 64
 
 
 def test_dtype_change_after_attach_is_followed():

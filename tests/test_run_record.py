@@ -185,13 +185,13 @@ def test_bad_run_directories_give_one_line_errors(tmp_path, damage, match):
 
 
 class Exploding:
-    def start(self, monitor):
+    def start(self, run):
         pass
 
-    def report(self, monitor, chunk):
+    def report(self, chunk):
         raise OSError("disk full")
 
-    def close(self, monitor):
+    def close(self, error):
         raise OSError("disk full")
 
 
@@ -308,13 +308,23 @@ def test_failed_write_is_retried(tmp_path, monkeypatch):
 
 
 def test_failing_probe_is_switched_off_and_training_continues(tmp_path):
+    class Probing:
+        probe_every = 2
+
+        def start(self, run):
+            pass
+
+        def report(self, chunk):
+            pass
+
+        def close(self, error):
+            pass
+
+        def probe(self, inputs):
+            raise RuntimeError("histc is not deterministic")
+
     model = mlp()
-    monitor = gradwatch.attach(model, run_dir=False)
-
-    def probe(monitor, plan, grads, layer_max):
-        raise RuntimeError("histc is not deterministic")
-
-    monitor.add_probe(probe, every=2)
+    monitor = gradwatch.attach(model, run_dir=False, reporters=[Probing()])
     stream = GradStream(model)
     with pytest.warns(UserWarning, match="device probe failed .*switched off"):
         for _ in range(6):
@@ -325,7 +335,7 @@ def test_failing_probe_is_switched_off_and_training_continues(tmp_path):
 
 def test_reporter_that_cannot_start_leaves_no_half_made_run(tmp_path):
     class Broken:
-        def start(self, monitor):
+        def start(self, run):
             raise ValueError("bad option")
 
     opt_model = mlp()

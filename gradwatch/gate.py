@@ -1,4 +1,5 @@
-"""Skipping an optimizer step decided on the device.
+"""The optimizer gate: it skips a step decided on the device, and carries the
+norm-clipping coefficient into a fused optimizer.
 
 A fused optimizer (``Adam``/``AdamW``/``SGD`` with ``fused=True``, CPU included) reads
 a ``found_inf`` tensor attribute inside ``step()`` and, when it is 1, leaves the
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import NORM_MODES, MonitorConfig
+
 
 _MISSING = object()
 
@@ -38,6 +41,46 @@ _MISSING = object()
 def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` honours a device-side ``found_inf`` attribute."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def make_gate(optimizer: torch.optim.Optimizer | None, scaler: Any,
+              config: MonitorConfig) -> OptimizerGate | None:
+    """The gate a monitor needs on ``optimizer``, if any: to skip non-finite steps
+    (``nonfinite="skip"`` without a GradScaler, which skips them itself) or steps
+    beyond ``skip_threshold``, or to hand a fused optimizer the norm-clipping
+    coefficient.
+
+    Raises:
+        ValueError: ``skip_threshold`` without an optimizer to skip.
+    """
+    if optimizer is None:
+        if config.skip_threshold is not None:
+            raise ValueError(
+                f"skip_threshold={config.skip_threshold!r} needs the optimizer to skip its "
+                "step: pass it, gradwatch.attach(model, optimizer, ...), or leave "
+                "skip_threshold=None"
+            )
+        return None
+    own_nonfinite = config.nonfinite == "skip" and scaler is None
+    if own_nonfinite or config.skip_threshold is not None or (
+        config.clip in NORM_MODES and supports_found_inf(optimizer)
+    ):
+        return OptimizerGate(optimizer)
+    return None
+
+
+def skip_description(optimizer: torch.optim.Optimizer | None, config: MonitorConfig) -> str:
+    """How a non-finite step is kept from the parameters, as event reasons quote it."""
+    if config.nonfinite == "zero":
+        return "gradients zeroed"
+    if optimizer is None:
+        return (
+            "gradients left as they are: no optimizer was given to skip; pass it to "
+            "gradwatch.attach or use nonfinite='zero'"
+        )
+    if supports_found_inf(optimizer):
+        return "optimizer step skipped (fused found_inf)"
+    return "optimizer step skipped"
 
 
 class OptimizerGate:

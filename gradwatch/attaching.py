@@ -1,0 +1,80 @@
+"""``gradwatch.attach``: a monitor and its reporters, built from the user's options.
+
+The reporters are imported here, where they are chosen, so ``import gradwatch`` stays
+light and the monitor knows them only through :mod:`gradwatch.reporters`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .config import MonitorConfig, resolve_config
+from .monitor import GradMonitor
+from .reporters import Reporter
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    config: MonitorConfig | None = None,
+    run_dir: str | os.PathLike[str] | bool | None = True,
+    wandb: bool | dict[str, Any] | Reporter = False,
+    reporters: Sequence[Reporter] = (),
+    process_group: Any = "auto",
+    **overrides: Any,
+) -> GradMonitor:
+    """Attach a :class:`GradMonitor` to ``model``.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer, so non-finite (or catastrophic) steps can be skipped.
+        scaler: the ``torch.amp.GradScaler`` in use, if any.
+        config: a :class:`MonitorConfig`; defaults to ``MonitorConfig()``.
+        run_dir: where to record the run (Parquet parts, see
+            :mod:`gradwatch.run_record`). ``True`` (default): a new directory under
+            ``./gradwatch_runs/``; a path: that directory; ``False``/``None``: no
+            record. Under ``torch.distributed``, on rank 0 only.
+        wandb: report to Weights & Biases: ``True`` for a
+            :class:`~gradwatch.wandb_reporter.WandbReporter` with defaults (it reuses
+            ``wandb.run`` if one is active), a dict of its arguments, or a reporter.
+            Under ``torch.distributed``, on rank 0 only.
+        reporters: more reporters (see :mod:`gradwatch.reporters`).
+        process_group: under ``torch.distributed``, the group across which gradients
+            are sharded; ``"auto"`` (default) finds FSDP's (see :class:`GradMonitor`).
+        **overrides: fields of :class:`MonitorConfig` to set (on top of ``config``).
+
+    Returns:
+        The monitor. Call its :meth:`~GradMonitor.step` once per optimizer step.
+
+    Raises:
+        ValueError: an option is unknown or invalid (the message names it and the fix).
+    """
+    config = resolve_config(config, overrides)
+    all_reporters = list(reporters)
+    if dist_utils.rank() != 0:
+        # Under torch.distributed every rank measures and decides alike; only global
+        # rank 0 keeps the run record and reports to W&B.
+        run_dir = wandb = False
+    if run_dir:
+        from .run_record import RunRecorder, default_run_dir
+
+        path = default_run_dir() if run_dir is True else run_dir
+        all_reporters.insert(0, RunRecorder(path, flush_every=config.flush_every))
+    if wandb is not False and wandb is not None:
+        from .wandb_reporter import WandbReporter
+
+        if wandb is True:
+            wandb = WandbReporter()
+        elif isinstance(wandb, dict):
+            wandb = WandbReporter(**wandb)
+        all_reporters.append(wandb)
+    return GradMonitor(model, optimizer, scaler=scaler, config=config, reporters=all_reporters,
+                       process_group=process_group)

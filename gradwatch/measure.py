@@ -1,0 +1,152 @@
+"""Measuring one step: which gradients are present, and their per-layer norms.
+
+:class:`GradReader` finds the gradients of the monitored parameters (the local shards
+under FSDP), keeps a :class:`~gradwatch.layers.GradPlan` per presence pattern, and
+reduces them to a :class:`Measurement`: per-layer L2 norms, max |g| and
+concentration (max |g| / RMS of g), the global norm, and the log values the
+statistics work on. Sharded layers are made whole by the reader's
+:class:`~gradwatch.distributed.ShardSetup`. Nothing here reads a value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import distributed as dist_utils
+from . import functional as F
+from .layers import GradPlan, LayerTable
+
+# Plans kept at once: a model whose set of gradients changes every step (routing,
+# dropped layers) keeps a bounded number of them.
+MAX_PLANS = 64
+
+
+@dataclass
+class Measurement:
+    """One step's gradients and what was measured of them, all on the device.
+
+    ``x`` and ``valid`` are the statistics' channels: the model's log norm, then every
+    layer's log norm, log max |g| and log concentration (``1 + 3L`` values). A channel
+    is invalid where its log is not finite (an absent or all-zero layer).
+    """
+
+    plan: GradPlan
+    grads: list[Tensor]
+    layer_norm: Tensor
+    layer_max: Tensor
+    layer_numel: Tensor
+    present: Tensor
+    global_norm: Tensor
+    nonfinite: Tensor
+    concentration: Tensor
+    x: Tensor
+    valid: Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_norm.shape[0]
+
+
+class GradReader:
+    """Reads the monitored parameters' gradients and measures them.
+
+    Args:
+        layers: the layer table.
+        device: where per-layer values and statistics live.
+        shards: how sharded gradients are combined across ranks (``None``: whole
+            gradients, no communication).
+    """
+
+    def __init__(self, layers: LayerTable, device: torch.device,
+                 shards: dist_utils.ShardSetup | None) -> None:
+        self.layers = layers
+        self.device = device
+        self.shards = shards
+        self._dtensors = any(hasattr(p, "_local_tensor") for p in layers.params)
+        self._plans: dict[tuple[int, ...], GradPlan] = {}
+
+    @property
+    def num_plans(self) -> int:
+        return len(self._plans)
+
+    def params(self, plan: GradPlan) -> list[Tensor]:
+        """The parameters whose gradients ``plan`` reads."""
+        return [self.layers.params[i] for i in plan.positions]
+
+    def _plan(self) -> tuple[GradPlan, list[Tensor]]:
+        # Sharded (FSDP) gradients are read through their local shards. Empty gradients
+        # (and empty shards) carry no information, and some reductions reject them.
+        params = self.layers.params
+        if self._dtensors:
+            local = [None if p.grad is None else dist_utils.local(p.grad) for p in params]
+        else:
+            local = [p.grad for p in params]
+        positions = tuple(i for i, g in enumerate(local) if g is not None and g.numel() > 0)
+        grads = [local[i] for i in positions]
+        plan = self._plans.pop(positions, None)
+        if plan is None or not plan.matches(grads):
+            weights = None if self.shards is None else self.shards.sum_weight
+            plan = GradPlan.build(self.layers, positions, grads, self.device, weights)
+        self._plans[positions] = plan  # most recently used last
+        if len(self._plans) > MAX_PLANS:
+            del self._plans[next(iter(self._plans))]
+        return plan, grads
+
+    def measure(self) -> Measurement:
+        """Per-tensor norms and max |g| in fp32, reduced to per-layer values."""
+        plan, grads = self._plan()
+        n = self.layers.num_layers
+        dev = self.device
+        norms, max_abs = F.tensor_norms(grads, plan.groups, dev)
+        if not grads:
+            norms = max_abs = torch.zeros(0, dtype=torch.float32, device=dev)
+        layer_max = F.layer_max(max_abs, plan.layer_index, n)
+        if plan.sum_weight is not None:  # replicated tensors count on one rank only
+            norms = norms * plan.sum_weight
+        layer_sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
+        present = plan.layer_present
+        layer_numel = plan.layer_numel
+        if self.shards is not None:
+            # Shards: whole-layer values from one SUM and one MAX all-reduce of 2L
+            # values each. A NaN on any rank makes the sum NaN on every rank.
+            sums, maxes = self.shards.reducer.sum_and_max(
+                torch.cat([layer_sumsq, layer_numel]), torch.cat([layer_max, present.float()])
+            )
+            layer_sumsq, layer_numel = sums[:n], sums[n:]
+            present = maxes[n:] > 0
+            # MAX may drop a NaN (comparisons with NaN are false); the sum keeps it.
+            layer_max = torch.where(layer_sumsq.isnan(), math.nan, maxes[:n])
+        layer_norm = layer_sumsq.sqrt()
+        global_norm = layer_sumsq.sum().sqrt()
+        # NaN/Inf anywhere makes its tensor's norm, hence the sum, non-finite.
+        nonfinite = ~torch.isfinite(global_norm)
+        # NaN (so log is NaN and the channel is not updated) where a layer has no
+        # gradient or an all-zero one: there is no concentration to speak of.
+        concentration = torch.where(
+            layer_norm > 0, layer_max * layer_numel.sqrt() / layer_norm, math.nan
+        )
+        x = torch.cat([global_norm.reshape(1), layer_norm, layer_max, concentration]).log()
+        return Measurement(
+            plan=plan, grads=grads, layer_norm=layer_norm, layer_max=layer_max,
+            layer_numel=layer_numel, present=present, global_norm=global_norm,
+            nonfinite=nonfinite, concentration=concentration, x=x,
+            valid=torch.isfinite(x),  # absent layers have norm 0, so log is -inf: invalid
+        )
+
+    def layer_norms(self, m: Measurement) -> Tensor:
+        """The per-layer L2 norms of ``m``'s gradients as they are now (after an edit
+        in place, such as clipping by value)."""
+        plan, n, dev = m.plan, self.layers.num_layers, self.device
+        norms, _ = F.tensor_norms(m.grads, plan.groups, dev, with_max_abs=False)
+        if not m.grads:
+            norms = torch.zeros(0, dtype=torch.float32, device=dev)
+        if plan.sum_weight is not None:
+            norms = norms * plan.sum_weight
+        sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
+        if self.shards is not None:
+            sumsq = self.shards.reducer.sum(sumsq)
+        return sumsq.sqrt()
