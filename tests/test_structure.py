@@ -1,4 +1,5 @@
-"""The layering holds: gradwatch's own modules import each other without a cycle.
+"""The layering holds: gradwatch's own modules import each other without a cycle, and no
+module but the monitor's reads the monitor's private state.
 
 Pure ``ast`` over the source tree: nothing here imports the package, so these run in
 milliseconds and see every import, including lazy ones inside functions and those under
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Source folder -> the package it is installed as (pyproject's package-dir remap).
 PACKAGE_DIRS = {"gradwatch": "gradwatch", "integrations": "gradwatch.integrations"}
 MONITOR_MODULE = "gradwatch.monitor"
+MONITOR_NAMES = {"monitor", "_monitor"}
 
 
 @dataclass(frozen=True)
@@ -240,3 +242,23 @@ def test_no_import_cycles():
         pytest.fail(f"{len(loops)} import cycle(s) among gradwatch's modules:\n"
                     + "\n".join(_describe(c, graph, found) for c in loops), pytrace=False)
 
+
+def test_only_the_monitor_reads_its_private_state():
+    reads = []
+    for name, source in sources().items():
+        if name == MONITOR_MODULE:
+            continue
+        tree = ast.parse(source.path.read_text(encoding="utf-8"), str(source.path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__") and node.attr.endswith("__"):
+                continue
+            base = node.value
+            final = (base.id if isinstance(base, ast.Name) else
+                     base.attr if isinstance(base, ast.Attribute) else None)
+            if final in MONITOR_NAMES:
+                reads.append(f"{source.where}:{node.lineno}: {final}.{node.attr}")
+    if reads:
+        pytest.fail("private state of the monitor used outside gradwatch/monitor.py "
+                    "(give the monitor a public accessor):\n" + "\n".join(reads), pytrace=False)
