@@ -112,3 +112,25 @@ def test_rnn_methods_option_runs_only_those_and_says_so(tmp_path):
             if line.startswith("| ") and not line.startswith("| method")]
     assert rows == ["norm(0.3)", "gradwatch"]
     assert "--steps 20 --methods 'norm(0.3)' 'gradwatch'`" in text
+
+
+def test_plot_is_written_where_asked_and_nowhere_with_an_empty_one(tmp_path, monkeypatch):
+    # `--plot ''` once wrote `./.png`: Path('') is '.', and savefig('.') appends .png.
+    import common
+    import digits
+
+    monkeypatch.setattr(digits, "STEPS", 2)
+    monkeypatch.setattr(digits, "SPECS", [("none", {})])
+    monkeypatch.chdir(tmp_path)
+    digits.main(["--seeds", "1", "--out", "d.md", "--plot", ""])
+    assert [p.name for p in tmp_path.iterdir()] == ["d.md"]
+    assert "![" not in (tmp_path / "d.md").read_text()
+    digits.main(["--seeds", "1", "--out", "d.md", "--plot", "some/dir/x.png"])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "d.md", "some", "some/dir", "some/dir/x.png"]
+    assert (tmp_path / "some/dir/x.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](some/dir/x.png)" in (tmp_path / "d.md").read_text()
+    # The option every plotting script shares: a PNG next to the scripts unless told.
+    parser = common.parser("doc", "lm", seeds=3, plot="PNG")
+    assert parser.parse_args(["--plot", ""]).plot is None
+    assert parser.parse_args([]).plot == common.HERE / "lm.png"

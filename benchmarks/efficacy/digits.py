@@ -10,7 +10,6 @@ sees exactly the same batches for a given seed.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -21,6 +20,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import common as C  # noqa: E402
 import methods as M  # noqa: E402
 
 STEPS = 500
@@ -64,35 +64,22 @@ def run(data, spec, seed: int, lr: float) -> dict:
 
 
 def plot(results: dict[str, list[tuple[str, float, int]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(10, 3.6), dpi=110, sharey=True)
-    for ax, (title, rows) in zip(axes, results.items()):
-        names = [r[0] for r in rows]
-        colors = ["tab:blue" if n.startswith("gradwatch") else "0.6" for n in names]
-        ax.barh(names, [r[1] for r in rows], color=colors)
-        for i, (_, acc, div) in enumerate(rows):
-            if div:
-                ax.text(acc + 0.01, i, f"{div} diverged", va="center", fontsize=7)
-        ax.set_xlim(0, 1.15)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("mean test accuracy")
-    axes[0].invert_yaxis()  # shared: once for both
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with C.figure(path, 1, len(results), figsize=(10, 3.6), sharey=True) as (fig, axes):
+        for ax, (title, rows) in zip(axes, results.items()):
+            names = [r[0] for r in rows]
+            colors = ["tab:blue" if n.startswith("gradwatch") else "0.6" for n in names]
+            ax.barh(names, [r[1] for r in rows], color=colors)
+            for i, (_, acc, div) in enumerate(rows):
+                if div:
+                    ax.text(acc + 0.01, i, f"{div} diverged", va="center", fontsize=7)
+            ax.set_xlim(0, 1.15)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("mean test accuracy")
+        axes[0].invert_yaxis()  # shared: once for both
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=HERE / "digits.md")
-    parser.add_argument("--plot", type=Path, default=HERE / "digits.png",
-                        help="PNG of the accuracies ('' for none)")
-    args = parser.parse_args(argv)
+    args = C.parser(__doc__, "digits", seeds=10, plot="PNG of the accuracies").parse_args(argv)
     lines = [
         "# Experiment 1: the clipping tutorial experiment", "",
         f"Produced by `python benchmarks/efficacy/digits.py --seeds {args.seeds}`. MLP "
@@ -118,11 +105,10 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {acc:.3f} | {div}/{args.seeds} | {100 * clipped:.1f}% |")
             results.setdefault(f"{title}, lr {lr}", []).append((name, acc, div))
         lines.append("")
-    if str(args.plot):
+    if args.plot is not None:
         plot(results, args.plot)
-        lines += [f"![mean accuracy per method]({args.plot.name})", ""]
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+        lines += [C.image_link("mean accuracy per method", args.plot, args.out), ""]
+    C.write(args.out, "\n".join(lines))
     return 0
 
 

@@ -18,7 +18,6 @@ test loss against the same method trained without faults.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -31,6 +30,7 @@ from gradwatch.demo import inject
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import common as C  # noqa: E402
 import methods as M  # noqa: E402
 
 STEPS = 650
@@ -146,12 +146,8 @@ def mean(values) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=HERE / "faults.md")
-    parser.add_argument("--plot", type=Path, default=HERE / "faults.png",
-                        help="PNG of seed 0's loss-spike and blow-up streams ('' for none)")
-    args = parser.parse_args(argv)
+    args = C.parser(__doc__, "faults", seeds=5,
+                    plot="PNG of seed 0's loss-spike and blow-up streams").parse_args(argv)
     data = load()
     table = {}
     for spec in METHOD_SPECS:
@@ -169,7 +165,7 @@ def main(argv=None) -> int:
                 f"{k} {entry[k][-1]['score']['recall']:.2f}/{entry[k][-1]['accuracy']:.2f}"
                 for k in KINDS), flush=True)
     write(args, table)
-    if str(args.plot):
+    if args.plot is not None:
         plot(data, args.plot)
         print(f"wrote {args.plot}")
     return 0
@@ -178,36 +174,28 @@ def main(argv=None) -> int:
 def plot(data, path: Path, seed: int = 0) -> None:
     """Seed ``seed``'s loss-spike and learning-rate blow-up streams: the global norm,
     gradwatch's clipping threshold and flags, ZClip's flags, the injections."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
-    for ax, kind in zip(axes, ("loss_spike", "lr_blowup")):
-        watched = run(data, ("gradwatch", {}), seed, kind, keep_monitor=True)
-        zclip = run(data, ("zclip", {"max_grad_norm": None}), seed, kind)
-        steps = watched["monitor"].steps()
-        ax.semilogy(steps.step, steps.global_norm, lw=0.7, color="0.45", label="gradient norm")
-        ax.semilogy(steps.step, steps.threshold, lw=1.0, color="tab:blue",
-                    label="gradwatch threshold")
-        for i, (step, _) in enumerate(KINDS[kind]):
-            end = step + (BLOWUP_LEN if kind == "lr_blowup" else 0)
-            ax.axvspan(step - 1, end + 1, color="tab:red", alpha=0.15,
-                       label="injected" if i == 0 else None)
-        top = steps.global_norm.max() * 2
-        for name, flagged, y, marker in (("gradwatch flags", watched["flagged"], top, "v"),
-                                         ("ZClip (no ceiling) flags", zclip["flagged"],
-                                          top * 1.8, "x")):
-            xs = sorted(flagged)
-            ax.scatter(xs, [y] * len(xs), marker=marker, s=14, label=name)
-        ax.set_title(f"{kind}, seed {seed}", fontsize=9)
-        ax.set_xlabel("step")
-    axes[0].set_ylabel("global gradient norm")
-    axes[1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with C.figure(path, 1, 2, figsize=(10, 3.4)) as (fig, axes):
+        for ax, kind in zip(axes, ("loss_spike", "lr_blowup")):
+            watched = run(data, ("gradwatch", {}), seed, kind, keep_monitor=True)
+            zclip = run(data, ("zclip", {"max_grad_norm": None}), seed, kind)
+            steps = watched["monitor"].steps()
+            ax.semilogy(steps.step, steps.global_norm, lw=0.7, color="0.45", label="gradient norm")
+            ax.semilogy(steps.step, steps.threshold, lw=1.0, color="tab:blue",
+                        label="gradwatch threshold")
+            for i, (step, _) in enumerate(KINDS[kind]):
+                end = step + (BLOWUP_LEN if kind == "lr_blowup" else 0)
+                ax.axvspan(step - 1, end + 1, color="tab:red", alpha=0.15,
+                           label="injected" if i == 0 else None)
+            top = steps.global_norm.max() * 2
+            for name, flagged, y, marker in (("gradwatch flags", watched["flagged"], top, "v"),
+                                             ("ZClip (no ceiling) flags", zclip["flagged"],
+                                              top * 1.8, "x")):
+                xs = sorted(flagged)
+                ax.scatter(xs, [y] * len(xs), marker=marker, s=14, label=name)
+            ax.set_title(f"{kind}, seed {seed}", fontsize=9)
+            ax.set_xlabel("step")
+        axes[0].set_ylabel("global gradient norm")
+        axes[1].legend(fontsize=7, loc="lower left")
 
 
 def _cell(runs: list[dict]) -> str:
@@ -279,8 +267,7 @@ def write(args, table) -> None:
     for name, entry in table.items():
         lines.append(f"| {name} | " + " | ".join(action_cell(k, entry[k]) for k in kinds)
                      + " |")
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    C.write(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

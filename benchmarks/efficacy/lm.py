@@ -21,7 +21,6 @@ curves of the first seed are saved as a PNG.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -33,6 +32,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import common as C  # noqa: E402
 import methods as M  # noqa: E402
 
 # Modules present in every CPython 3.9+; their text differs slightly between versions.
@@ -174,36 +174,22 @@ def run(data, spec, seed: int, steps: int = STEPS, lr: float = LR) -> dict:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    for name, res in results.items():
-        losses = torch.tensor(res["losses"]).nan_to_num(nan=6.0, posinf=6.0).clamp(max=6.0)
-        smooth = torch.nn.functional.avg_pool1d(losses[None, None], 10, 1)[0, 0]
-        ax.plot(range(len(smooth)), smooth.tolist(), label=name, linewidth=1.1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/byte, 10-step mean)")
-    ax.set_ylim(0.8, 6.0)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"Byte-level transformer on stdlib source, SGD lr {LR:g}, seed 0",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with C.figure(path, figsize=(7, 3.6)) as (fig, ax):
+        for name, res in results.items():
+            losses = torch.tensor(res["losses"]).nan_to_num(nan=6.0, posinf=6.0).clamp(max=6.0)
+            smooth = torch.nn.functional.avg_pool1d(losses[None, None], 10, 1)[0, 0]
+            ax.plot(range(len(smooth)), smooth.tolist(), label=name, linewidth=1.1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/byte, 10-step mean)")
+        ax.set_ylim(0.8, 6.0)
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"Byte-level transformer on stdlib source, SGD lr {LR:g}, seed 0",
+                     fontsize=9)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--lr", type=float, default=LR)
-    parser.add_argument("--out", type=Path, default=HERE / "lm.md")
-    parser.add_argument("--plot", type=Path, default=HERE / "lm.png",
-                        help="PNG of the first seed's loss curves ('' for none)")
-    args = parser.parse_args(argv)
+    args = C.parser(__doc__, "lm", seeds=3, steps=STEPS, lr=LR,
+                    plot="PNG of the first seed's loss curves").parse_args(argv)
     data = load_text()
     rows, first = [], {}
     for spec in SPECS:
@@ -243,11 +229,10 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['name']} | {r['val']:.3f} | {r['diverged']}/{args.seeds} | "
                      f"{r['spikes']:.1f} | {100 * r['clipped']:.1f}% | {r['flagged']:.1f} |")
-    if str(args.plot):
+    if args.plot is not None:
         plot(first, args.plot)
-        lines += ["", f"![loss curves, seed 0]({args.plot.name})"]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+        lines += ["", C.image_link("loss curves, seed 0", args.plot, args.out)]
+    C.write(args.out, "\n".join(lines) + "\n")
     return 0
 
 

@@ -24,7 +24,6 @@ ADD_DIVERGED), and the share of steps clipped.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -35,6 +34,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import common as C  # noqa: E402
 import methods as M  # noqa: E402
 
 HIDDEN = 100
@@ -154,13 +154,9 @@ def label(spec: tuple[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = C.parser(__doc__, "rnn", seeds=3, steps=STEPS, lr=LR)
     parser.add_argument("--lengths", type=int, nargs="+", default=[50])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--lr", type=float, default=LR)
-    parser.add_argument("--out", type=Path, default=HERE / "rnn.md")
     parser.add_argument("--methods", nargs="+", choices=[label(s) for s in specs()],
                         help="a subset of the methods (default: all)")
     args = parser.parse_args(argv)
@@ -204,8 +200,7 @@ def main(argv=None) -> int:
                 lines.append(row)
                 print(f"{task} T={length} {row}", flush=True)
             lines.append("")
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    C.write(args.out, "\n".join(lines))
     return 0
 
 
