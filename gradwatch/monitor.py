@@ -349,7 +349,7 @@ class GradMonitor:
                     f"gradwatch: NaN/Inf gradients at step {bad[0]} were left as they are "
                     "because no optimizer was given to skip the step; pass it, "
                     "gradwatch.attach(model, optimizer), or use nonfinite='zero'",
-                    stacklevel=3,
+                    stacklevel=4,  # flush <- _record <- step <- the training loop
                 )
 
     def _to_host(self, rows: Tensor) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:
