@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -114,13 +114,20 @@ class ProbeInput:
     recent_log_norms: Tensor
 
 
-@runtime_checkable
 class Reporter(Protocol):
     """What a monitor calls; every method runs on the host.
 
-    ``start``, ``report`` and ``close`` are required. The rest are optional: a
-    reporter may leave them out, and the monitor then does without.
+    ``start``, ``report`` and ``close`` are required. The rest are optional hooks: a
+    reporter that subclasses ``Reporter`` inherits their defaults (do nothing), and a
+    reporter that merely has the three required methods works the same, since the
+    monitor calls an optional hook only where it exists.
     """
+
+    #: Where the reporter keeps its files (the run record's directory), if anywhere;
+    #: ``GradMonitor.run_dir`` reads it.
+    run_dir: Any = None
+    #: Call :meth:`probe` at every step that is a multiple of this; ``None``: never.
+    probe_every: int | None = None
 
     def start(self, run: RunInfo) -> None:
         """Called once, when the reporter is added. Raising here is a configuration
@@ -133,20 +140,14 @@ class Reporter(Protocol):
         """Called once, on ``detach()`` or at interpreter exit. ``error`` is the type
         name of the uncaught exception ending the program, if one is."""
 
-
-class OptionalHooks(Protocol):
-    """The hooks a reporter may add to :class:`Reporter`."""
-
-    #: Where the reporter keeps its files (the run record's directory).
-    run_dir: Any
-    #: Call :meth:`probe` at every step that is a multiple of this; ``None``: never.
-    probe_every: int | None
-
-    def resumed(self, step: int) -> None:
-        """The monitor was restored from a checkpoint and continues at ``step``."""
+    def resumed(self, step: int) -> None:  # noqa: B027 - an optional hook
+        """Optional: the monitor was restored from a checkpoint and continues at
+        ``step``."""
 
     def probe(self, inputs: ProbeInput) -> dict[str, Tensor]:
-        """Device values for the next chunk's ``extras[step]``; must not synchronise."""
+        """Optional: device values for the next chunk's ``extras[step]``, computed
+        inside ``step()`` every ``probe_every`` steps; must not synchronise."""
+        return {}
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .history import event_frame, layer_frame, step_frame
-from .reporters import Chunk, RunInfo
+from .reporters import Chunk, Reporter, RunInfo
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-class RunRecorder:
+class RunRecorder(Reporter):
     """Writes a monitor's records into a run directory as Parquet parts.
 
     Args:

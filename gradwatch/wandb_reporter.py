@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .reporters import Chunk, ProbeInput, RunInfo
+from .reporters import Chunk, ProbeInput, Reporter, RunInfo
 from .totals import EVENT_KINDS, RunTotals
 
 INSTALL = 'pip install "gradwatch[wandb]"'
@@ -42,7 +42,7 @@ def require_wandb():
     return wandb
 
 
-class WandbReporter:
+class WandbReporter(Reporter):
     """Reports a monitor to Weights & Biases.
 
     Args:

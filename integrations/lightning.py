@@ -18,7 +18,7 @@ import torch
 
 import gradwatch
 from gradwatch.config import resolve_config
-from gradwatch.reporters import Chunk, RunInfo
+from gradwatch.reporters import Chunk, Reporter
 
 INSTALL = 'pip install "gradwatch[lightning]"'
 
@@ -138,7 +138,7 @@ class GradWatchCallback(pl.Callback):
         return False
 
 
-class LoggerReporter:
+class LoggerReporter(Reporter):
     """Sends the monitor's per-step metrics to Lightning loggers (CSV, TensorBoard, ...)
     with ``log_metrics(metrics, step=<monitor step>)``, every ``log_every`` steps.
 
@@ -149,9 +149,6 @@ class LoggerReporter:
     def __init__(self, loggers: list[Any], prefix: str = "gradwatch") -> None:
         self.loggers = loggers
         self.prefix = prefix
-
-    def start(self, run: RunInfo) -> None:
-        pass
 
     def report(self, chunk: Chunk) -> None:
         p = self.prefix
