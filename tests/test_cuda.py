@@ -30,7 +30,8 @@ def test_training_step_never_syncs(clip, dtype):
         loss = torch.nn.functional.mse_loss(model(x * (100.0 if t == 30 else 1.0)), y)
         loss.backward()
         if t == 35:
-            model[0].weight.grad[0, 0] = float("nan")
+            # fill_ launches a kernel; `grad[0, 0] = nan` would copy a host scalar and sync.
+            model[0].weight.grad[0, 0].fill_(float("nan"))
         monitor.step()
         opt.step()
         opt.zero_grad(set_to_none=False)
