@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..records import ACTIONS
+from ..rows import ACTIONS
 from .summary import _ellipsis, _printable
 
 if TYPE_CHECKING:

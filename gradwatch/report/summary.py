@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..records import ACTIONS
-from ..totals import EVENT_KINDS
+from ..totals import EVENT_KINDS, RunTotals
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,12 +87,21 @@ def _step_of(frame: pd.DataFrame, column: str) -> pd.Series:
 
 
 def run_summary(run: RunData) -> dict[str, Any]:
-    """The run at a glance: status, steps, actions, clip rate, events by kind."""
-    meta, steps, events = run.meta, run.steps, run.events
-    n = len(steps)
-    actions = steps["action"].astype(str).value_counts() if n else {}
-    counts = {a: int(actions.get(a, 0)) for a in ACTIONS}
-    kinds = events["kind"].astype(str).value_counts() if len(events) else {}
+    """The run at a glance: status, steps, actions, clip rate, events by kind.
+
+    The counts come from :class:`~gradwatch.totals.RunTotals`, the one place run
+    totals are computed, so they match the W&B summary of the same steps.
+
+    Returns:
+        ``status``, ``error``, ``created``, ``gradwatch_version``, ``sessions`` and
+        ``layers`` (counts), ``clip`` (the mode) from the metadata; ``steps``,
+        ``first_step`` and ``last_step`` (``None`` without steps), ``actions`` (steps
+        per action), ``clip_rate`` and ``skip_rate`` (fractions of the steps) and
+        ``events`` (count per kind) from the tables.
+    """
+    meta, steps = run.meta, run.steps
+    totals = RunTotals.from_tables(steps, run.layers, run.events)
+    n = totals.steps
     return {
         "status": meta.get("status", "unknown"),
         "error": meta.get("error"),
@@ -105,10 +113,10 @@ def run_summary(run: RunData) -> dict[str, Any]:
         "steps": n,
         "first_step": int(steps["step"].min()) if n else None,
         "last_step": int(steps["step"].max()) if n else None,
-        "actions": counts,
-        "clip_rate": (counts["clip_norm"] + counts["clip_value"]) / n if n else 0.0,
-        "skip_rate": counts["skip"] / n if n else 0.0,
-        "events": {k: int(kinds.get(k, 0)) for k in EVENT_KINDS},
+        "actions": dict(totals.actions),
+        "clip_rate": totals.clip_rate,
+        "skip_rate": totals.skip_rate,
+        "events": {k: totals.events.get(k, 0) for k in EVENT_KINDS},
     }
 
 
