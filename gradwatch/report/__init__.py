@@ -11,8 +11,9 @@ into a directory instead.
 
 The package composes: the statistics were computed by the monitor, the advice by
 :mod:`gradwatch.advice`. :mod:`.summary` puts the run in numbers, :mod:`.plots` draws
-the figures and :mod:`.page` lays out the page. pandas, matplotlib and scipy are
-imported inside the functions, so ``import gradwatch`` stays light.
+the figures and :mod:`.page` fills the page's Jinja2 templates (``templates/``).
+pandas, matplotlib, scipy and jinja2 are imported inside the functions, so
+``import gradwatch`` stays light.
 """
 
 from __future__ import annotations
