@@ -82,7 +82,7 @@ def render_html(run: RunData, source: str = "") -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _environment() -> jinja2.Environment:
     """The Jinja2 environment of the report templates (made once, then shared)."""
     # Imported at the first page rendered, like matplotlib, so that importing
