@@ -1,0 +1,302 @@
+"""The report's figures: matplotlib plots rendered to PNG ``data:`` URIs.
+
+Every plot over steps shares one horizontal extent, so the figures line up on the page.
+matplotlib is imported inside the functions (on an Agg canvas, without pyplot and its
+global state), so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..rows import ACTIONS
+from .summary import _ellipsis, _printable
+
+if TYPE_CHECKING:
+    from ..run_record import RunData
+
+MAX_HEATMAP_COLUMNS = 400  # steps are binned (max per bin) down to this many columns
+MAX_LINE_POINTS = 4000  # beyond this the global norm is drawn as a binned envelope
+# Every plot over steps uses the same horizontal extent, so they line up on the page.
+_LEFT, _RIGHT = 0.16, 0.86
+EVENT_STYLE = {  # kind: (marker, colour, label)
+    "explosion": ("^", "#d62728", "explosion"),
+    "nonfinite": ("X", "#111111", "non-finite (NaN/Inf)"),
+    "amp_overflow": ("v", "#ff7f0e", "AMP overflow"),
+}
+ACTION_COLOURS = {"none": "#c7c7c7", "clip_norm": "#1f77b4", "clip_value": "#9467bd",
+                  "skip": "#d62728"}
+
+
+def _png(fig: Any) -> str:
+    """A figure as a ``data:`` URI (Agg canvas, no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def bin_starts(n: int, max_bins: int) -> np.ndarray:
+    """Start indices of at most ``max_bins`` bins of nearly equal size over ``n`` items."""
+    bins = max(1, min(n, max_bins))
+    return np.unique(np.linspace(0, n, bins + 1)[:-1].astype(np.int64))
+
+
+def bin_max(matrix: np.ndarray, max_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Downsample the columns of ``matrix`` to at most ``max_cols`` by a NaN-ignoring max.
+
+    Returns:
+        The binned matrix and the start column of each bin.
+    """
+    starts = bin_starts(matrix.shape[1], max_cols)
+    if matrix.shape[1] == 0:
+        return matrix, starts[:0]
+    return np.fmax.reduceat(matrix, starts, axis=1), starts
+
+
+def plot_global_norm(run: RunData) -> str | None:
+    """The global norm over steps, with the clipped norms, the threshold and the events.
+
+    Returns:
+        A PNG ``data:`` URI, or ``None`` when no step was recorded.
+    """
+    from matplotlib.figure import Figure
+
+    steps = run.steps
+    if steps.empty:
+        return None
+    x = steps["step"].to_numpy(dtype=float)
+    y = steps["global_norm"].to_numpy(dtype=float)
+    ok = np.isfinite(y) & (y > 0)
+    fig = Figure(figsize=(12, 4.2))
+    ax = fig.add_subplot()
+    if ok.sum() > MAX_LINE_POINTS:
+        xs, ys = x[ok], y[ok]
+        starts = bin_starts(len(xs), MAX_LINE_POINTS // 2)
+        ax.fill_between(xs[starts], np.minimum.reduceat(ys, starts),
+                        np.maximum.reduceat(ys, starts), color="#1f77b4", alpha=0.35, lw=0,
+                        label="global norm (min-max per bin)")
+    elif ok.any():
+        ax.plot(x[ok], y[ok], color="#1f77b4", lw=0.8, label="global norm (before clipping)")
+    clipped = steps["clipped_norm"].to_numpy(dtype=float)
+    cut = ok & np.isfinite(clipped) & (clipped < y * (1 - 1e-4)) & (clipped > 0)
+    if cut.any():
+        ax.scatter(x[cut], clipped[cut], s=8, color="#2ca02c", zorder=3, label="after clipping")
+    typical = steps["typical_norm"].to_numpy(dtype=float)
+    if np.isfinite(typical).any():
+        ax.plot(x, typical, color="#7f7f7f", lw=1, ls=":", label="typical norm (running)")
+    clip_mode = run.meta.get("config", {}).get("clip")
+    thr = steps["threshold"].to_numpy(dtype=float)
+    if clip_mode not in ("value", "agc") and (np.isfinite(thr) & (thr > 0)).any():
+        ax.plot(x, np.where(thr > 0, thr, np.nan), color="#d62728", lw=1, ls="--",
+                label="clipping threshold")
+    by_step = dict(zip(steps["step"].to_numpy(), y))
+    top = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for kind, (marker, colour, label) in EVENT_STYLE.items():
+        ev = run.events[run.events["kind"] == kind]
+        if ev.empty:
+            continue
+        ex = ev["step"].to_numpy(dtype=float)
+        ey = np.array([by_step.get(s, np.nan) for s in ev["step"].to_numpy()], dtype=float)
+        on = np.isfinite(ey) & (ey > 0)
+        label = f"{label} ({len(ev)})"
+        if on.any():
+            ax.scatter(ex[on], ey[on], marker=marker, s=60, color=colour, zorder=4,
+                       edgecolors="white", linewidths=0.6, label=label)
+            label = None
+        if (~on).any():  # NaN/Inf norm: mark at the top edge
+            ax.scatter(ex[~on], np.full((~on).sum(), 0.97), marker=marker, s=60,
+                       color=colour, transform=top, zorder=4, clip_on=False, label=label)
+    if ok.any():
+        ax.set_yscale("log")
+    ax.set_xlim(x.min(), x.max() + 1)  # the same step axis as the plots below
+    ax.set_xlabel("step")
+    ax.set_ylabel("L2 norm of all gradients")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8,
+              frameon=False)
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, bottom=0.13, top=0.84)
+    return _png(fig)
+
+
+def _layer_matrix(
+    run: RunData, layers: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log10 gradient norms, ``layers`` x steps (NaN where absent or non-finite), a mask
+    of the non-finite cells, and the steps of the columns."""
+    lay = run.layers
+    lay = lay[lay["layer"].astype(str).isin(layers)]
+    all_steps = np.unique(run.layers["step"].to_numpy())
+    row = {name: i for i, name in enumerate(layers)}
+    r = lay["layer"].astype(str).map(row).to_numpy()
+    c = np.searchsorted(all_steps, lay["step"].to_numpy())
+    norm = lay["grad_norm"].to_numpy(dtype=float)
+    values = np.full((len(layers), len(all_steps)), np.nan)
+    bad = np.zeros_like(values, dtype=bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values[r, c] = np.where(np.isfinite(norm) & (norm > 0), np.log10(norm), np.nan)
+    bad[r, c] = ~np.isfinite(norm)
+    return values, bad, all_steps
+
+
+def plot_heatmap(run: RunData, shown: list[str], relative: bool = False) -> str | None:
+    """Layers x steps of log10 norm, steps binned by max down to ``MAX_HEATMAP_COLUMNS``.
+
+    Args:
+        run: the recorded run.
+        shown: the layers to draw, top to bottom.
+        relative: subtract each layer's median log10 norm, so a layer's anomalies show
+            whatever its scale.
+
+    Returns:
+        A PNG ``data:`` URI, or ``None`` when there is no layer record or no layer.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    if run.layers.empty or not shown:
+        return None
+    values, bad, all_steps = _layer_matrix(run, shown)
+    if relative:
+        with warnings.catch_warnings():  # a layer with no finite norm has no median
+            warnings.simplefilter("ignore", RuntimeWarning)
+            values = values - np.nanmedian(values, axis=1, keepdims=True)
+    binned, starts = bin_max(values, MAX_HEATMAP_COLUMNS)
+    bad_binned = np.maximum.reduceat(bad, starts, axis=1) if len(starts) else bad
+    edges = np.append(all_steps[starts], all_steps[-1] + 1)
+    finite = binned[np.isfinite(binned)]
+    if relative:
+        # Symmetric around "typical", at least one decade each way.
+        span = max(1.0, float(np.percentile(np.abs(finite), 99.5))) if finite.size else 1.0
+        lo, hi, name = -span, span, "RdBu_r"
+    else:
+        # Robust limits: a few extreme cells must not flatten everything else.
+        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+        name = "viridis"
+    fig = Figure(figsize=(12, max(2.6, 0.2 * len(shown) + 1.4)))
+    ax = fig.add_subplot()
+    cmap = colormaps[name].with_extremes(bad="#e5e5e5")
+    mesh = ax.pcolormesh(edges, np.arange(len(shown) + 1), np.ma.masked_invalid(binned),
+                         cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-6), shading="flat",
+                         rasterized=True)
+    if bad_binned.any():
+        ax.pcolormesh(edges, np.arange(len(shown) + 1),
+                      np.ma.masked_where(~bad_binned, np.ones_like(binned)),
+                      cmap=ListedColormap(["#d62728"]), shading="flat", rasterized=True)
+    ax.set_ylim(len(shown), 0)
+    ax.set_yticks(np.arange(len(shown)) + 0.5)
+    ax.set_yticklabels([_ellipsis(_printable(n), 40) for n in shown],
+                       fontsize=7 if len(shown) > 30 else 8)
+    for label in ax.get_yticklabels():
+        label.set_parse_math(False)  # a '$' in a layer name is not mathtext
+    ax.set_xlabel("step")
+    bottom = max(0.5 / fig.get_figheight(), 0.06)
+    top = 1 - 0.25 / fig.get_figheight()
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, bottom=bottom, top=top)
+    cax = fig.add_axes((_RIGHT + 0.012, bottom, 0.012, top - bottom))
+    extend = "neither"
+    if finite.size:
+        extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+                  (True, True): "both"}[(bool(finite.min() < lo), bool(finite.max() > hi))]
+    fig.colorbar(mesh, cax=cax, extend=extend).set_label(
+        "log10 (norm / layer median)" if relative else "log10 norm", fontsize=8)
+    return _png(fig)
+
+
+def plot_actions(run: RunData) -> str | None:
+    """The action taken at each step, one row per action (bins of steps on long runs).
+
+    Returns:
+        A PNG ``data:`` URI, or ``None`` when no step was recorded.
+    """
+    from matplotlib.figure import Figure
+
+    steps = run.steps
+    if steps.empty:
+        return None
+    x = steps["step"].to_numpy()
+    order = np.argsort(x, kind="stable")
+    x = x[order]
+    action = steps["action"].astype(str).to_numpy()[order]
+    starts = bin_starts(len(x), 1500)
+    edges = np.append(x[starts], x[-1] + 1)
+    fig = Figure(figsize=(12, 2.2))
+    ax = fig.add_subplot()
+    labels = []
+    for row, name in enumerate(ACTIONS):
+        hit = np.maximum.reduceat((action == name).astype(np.int8), starts) > 0
+        labels.append(f"{name} ({int((action == name).sum())})")
+        if not hit.any():
+            continue
+        # Runs of consecutive bins with this action, drawn as bars.
+        padded = np.concatenate([[0], hit.astype(np.int8), [0]])
+        begin = np.flatnonzero(np.diff(padded) == 1)
+        end = np.flatnonzero(np.diff(padded) == -1)
+        spans = [(edges[b], max(edges[e] - edges[b], 0.6)) for b, e in zip(begin, end)]
+        ax.broken_barh(spans, (row - 0.35, 0.7), color=ACTION_COLOURS[name])
+    ax.set_yticks(range(len(ACTIONS)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(len(ACTIONS) - 0.5, -0.5)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("step")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, bottom=0.25, top=0.95)
+    return _png(fig)
+
+
+def _horizontal() -> dict[str, Any]:
+    """Keywords for a horizontal violin/box plot (``vert`` is deprecated from 3.10)."""
+    import matplotlib
+
+    major, minor = (int(p) for p in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
+def plot_distributions(run: RunData, layers: list[str]) -> str | None:
+    """Violin and box plots of the log10 gradient norm of ``layers``, one row each.
+
+    Returns:
+        A PNG ``data:`` URI, or ``None`` when none of them has a finite positive norm.
+    """
+    from matplotlib.figure import Figure
+
+    if run.layers.empty or not layers:
+        return None
+    lay = run.layers
+    layer_col = lay["layer"].astype(str)
+    data, names = [], []
+    for name in layers:
+        v = lay.loc[layer_col == name, "grad_norm"].to_numpy(dtype=float)
+        v = v[np.isfinite(v) & (v > 0)]
+        if len(v):
+            data.append(np.log10(v))
+            names.append(name)
+    if not data:
+        return None
+    fig = Figure(figsize=(12, max(2.4, 0.42 * len(data) + 1.0)))
+    ax = fig.add_subplot()
+    parts = ax.violinplot(data, showextrema=False, widths=0.8, **_horizontal())
+    for body in parts["bodies"]:
+        body.set_facecolor("#1f77b4")
+        body.set_alpha(0.25)
+    ax.boxplot(data, widths=0.25, **_horizontal(), showfliers=True,
+               flierprops={"markersize": 3, "markeredgecolor": "#d62728"},
+               medianprops={"color": "#111111"})
+    ax.set_yticks(np.arange(1, len(names) + 1))
+    ax.set_yticklabels([_ellipsis(_printable(n), 40) for n in names], fontsize=8)
+    for label in ax.get_yticklabels():
+        label.set_parse_math(False)
+    ax.set_ylim(len(names) + 0.6, 0.4)
+    ax.set_xlabel("log10 gradient norm")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, bottom=max(0.55 / fig.get_figheight(), 0.08),
+                        top=1 - 0.2 / fig.get_figheight())
+    return _png(fig)
