@@ -84,8 +84,11 @@ class MonitorConfig:
     scale. ``None``: thresholds from ``clip_z`` alone, none during warm-up."""
 
     crossing_rate: float | None = 0.02
-    """``auto`` with ``max_ratio``: how often the model norm may cross its boundary
-    (above) before the clipping threshold tightens. While crossings are more frequent
+    """``auto`` with ``max_ratio`` and an SGD-type optimizer (SGD, ASGD: a step
+    proportional to the gradient; not Adam, AdamW, Adagrad, RMSprop, Adafactor and the
+    like, whose step barely depends on the gradient's scale, nor a monitor attached
+    without its optimizer): how often the model norm may cross its boundary (above)
+    before the clipping threshold tightens. While crossings are more frequent
     than this (a learning rate too high for the run, or norms heavy-tailed enough that
     steps far beyond the typical one are routine), the model's threshold comes down
     from the boundary towards the typical norm itself, never below it, so a step's

@@ -102,9 +102,13 @@ class Detector:
         num_layers: layers monitored (``L``).
         config: thresholds, decay, warm-up and the ``auto`` tightening.
         device: where the state lives.
+        bounds_step: whether a smaller gradient makes a smaller optimizer step
+            (SGD-type optimizers); only then does ``auto`` tighten the model's
+            threshold on frequent crossings.
     """
 
-    def __init__(self, num_layers: int, config: MonitorConfig, device: torch.device) -> None:
+    def __init__(self, num_layers: int, config: MonitorConfig, device: torch.device,
+                 bounds_step: bool = True) -> None:
         n = num_layers
         self.num_layers = n
         self.config = config
@@ -114,7 +118,7 @@ class Detector:
         # the typical norm (1), driven by how often norms cross the boundary.
         self.tightness = torch.zeros((), dtype=torch.float32, device=device)
         self.tightens = (config.clip == "auto" and config.max_ratio is not None
-                         and config.crossing_rate is not None)
+                         and config.crossing_rate is not None and bounds_step)
         # Per-channel z thresholds: the model's channel uses the configured values, the
         # layer channels the family-corrected ones.
         self.layer_z_threshold = family_z(config.z_threshold, n)

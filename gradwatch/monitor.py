@@ -46,6 +46,7 @@ from .gate import OptimizerGate, make_gate, skip_description
 from .history import StepHistory
 from .layers import LayerTable
 from .measure import GradReader, Measurement
+from .optimizers import step_scales_with_gradient
 from .policies import Decision, GradEditor, make_policy
 from .reporters import Chunk, ProbeInput, Reporter, ReporterSet, RunInfo
 from .result import StepResult
@@ -106,7 +107,10 @@ class GradMonitor:
         if optimizer is not None:
             self._warn_params_outside(optimizer)
         n = self.layers.num_layers
-        self._detector = Detector(n, cfg, self.device)
+        # auto bounds the step (tightens on frequent crossings) for SGD-type optimizers
+        # only: an adaptive one's step barely depends on the gradient's scale.
+        self._detector = Detector(n, cfg, self.device,
+                                  bounds_step=step_scales_with_gradient(optimizer))
         self.layer_z_threshold = self._detector.layer_z_threshold
         self.layer_clip_z = self._detector.layer_clip_z
         self._policy = make_policy(cfg)

@@ -268,14 +268,16 @@ def test_statistics_learn_the_level_and_the_spread_from_different_values():
     assert var.item() > 1.0  # from the deviation of 2 the spread was given
 
 
-def _jumping(crossing_rate, steps=700):
+def _jumping(crossing_rate, steps=700, optimizer=torch.optim.SGD):
     """An MLP's steps table: normal norms, then 2-8x jumps on most steps from 40 to 199
-    (a learning rate too high for a while), then normal again."""
+    (a learning rate too high for a while), then normal again. The optimizer is given
+    (the kind matters, not its steps: the gradients are written, not learned)."""
     gen = torch.Generator().manual_seed(0)
     jumps = torch.exp(torch.empty(steps).uniform_(0.7, 2.1, generator=gen)).tolist()
     torch.manual_seed(0)
     model = mlp()
-    monitor = gradwatch.attach(model, run_dir=False, crossing_rate=crossing_rate)
+    opt = optimizer(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=False, crossing_rate=crossing_rate)
     stream = GradStream(model, sigma=0.1)
     for t in range(steps):
         stream.write(diffuse={m: jumps[t] if 40 <= t < 200 else 1.0 for m in ("0", "2", "4")})
@@ -308,11 +310,27 @@ def test_frequent_crossings_bring_the_threshold_down_to_the_typical_norm_and_bac
     assert list(tight.events().step) == list(fixed.events().step)
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW,
+                                       torch.optim.RMSprop, None])
+def test_the_threshold_never_tightens_without_an_sgd_type_optimizer(optimizer):
+    # An adaptive optimizer's step barely depends on the gradient's scale: holding
+    # many of its steps at the typical norm would only harm. Without the optimizer the
+    # monitor cannot tell, and does no harm either.
+    if optimizer is None:
+        monitor = _jumping(0.02, steps=200, optimizer=lambda params, lr: None)
+    else:
+        monitor = _jumping(0.02, steps=200, optimizer=optimizer)
+    fixed = _jumping(None, steps=200)
+    assert monitor.steps().threshold.equals(fixed.steps().threshold)
+    assert monitor.steps().action.equals(fixed.steps().action)
+
+
 def test_a_rare_spike_leaves_the_threshold_near_the_boundary():
     # One crossing tightens the threshold by a step only, and it relaxes from there.
     torch.manual_seed(0)
     model = mlp()
-    monitor = gradwatch.attach(model, run_dir=False)
+    monitor = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                               run_dir=False)
     stream = GradStream(model, sigma=0.1)
     for t in range(200):
         stream.write(diffuse={"2": 30.0} if t == 100 else None)

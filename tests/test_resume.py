@@ -103,14 +103,18 @@ def test_resume_keeps_a_tightened_threshold():
 
     torch.manual_seed(0)
     model = mlp()
-    full = gradwatch.attach(model, run_dir=False)
+    full = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                            run_dir=False)
     drive(full, GradStream(model, sigma=0.1), 0, 120)
 
     torch.manual_seed(0)
     model_a = mlp()
-    first = gradwatch.attach(model_a, run_dir=False)
+    first = gradwatch.attach(model_a, torch.optim.SGD(model_a.parameters(), lr=0.01),
+                             run_dir=False)
     drive(first, GradStream(model_a, sigma=0.1), 0, 80)
-    resumed, stream_b = _resumed(first, mlp(), 80, 0.1, run_dir=False)
+    model_b = mlp()
+    resumed, stream_b = _resumed(first, model_b, 80, 0.1, run_dir=False,
+                                 optimizer=torch.optim.SGD(model_b.parameters(), lr=0.01))
     drive(resumed, stream_b, 80, 120)
 
     a = full.steps().set_index("step").loc[80:]
