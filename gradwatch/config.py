@@ -70,11 +70,13 @@ class MonitorConfig:
     (the running geometric mean), and values fed to the statistics are winsorised at
     the same boundary. Where normal norms are heavy-tailed or rise step after step (a
     learning rate too high, or blowing up), ``clip_z`` deviations of the log norm would
-    let the threshold climb with the norm; this keeps it anchored. A model norm beyond
-    the boundary widens the spread but does not move the typical level, which learns
-    from the steps within it only: when most steps are beyond it (a learning rate too
-    high for the run), the threshold holds at the scale of the normal steps. The
-    flip side: a legitimate jump of the model norm to more than this multiple (say,
+    let the threshold climb with the norm; this keeps it anchored. With an SGD-type
+    optimizer (see ``crossing_rate``) a model norm beyond the boundary widens the
+    spread but does not move the typical level, which learns from the steps within it
+    only: when most steps are beyond it (a learning rate too high for the run), the
+    threshold holds at the scale of the normal steps, a bounded step. (With an
+    adaptive optimizer clipping does not bound the step, and the level follows every
+    step.) The flip side, with SGD: a legitimate jump of the model norm to more than this multiple (say,
     a large part of the model unfrozen at once) stays clipped to the old scale (in
     ``auto``, since it crosses on most steps, to the old typical norm itself) until
     enough steps fall within the boundary; re-attach, or pass ``None``. It also protects

@@ -103,8 +103,9 @@ class Detector:
         config: thresholds, decay, warm-up and the ``auto`` tightening.
         device: where the state lives.
         bounds_step: whether a smaller gradient makes a smaller optimizer step
-            (SGD-type optimizers); only then does ``auto`` tighten the model's
-            threshold on frequent crossings.
+            (SGD-type optimizers); only then is the model's level held while its norm
+            is beyond the boundary, and does ``auto`` tighten the model's threshold on
+            frequent crossings.
     """
 
     def __init__(self, num_layers: int, config: MonitorConfig, device: torch.device,
@@ -117,8 +118,12 @@ class Detector:
         # auto: where the model's clipping threshold sits between its boundary (0) and
         # the typical norm (1), driven by how often norms cross the boundary.
         self.tightness = torch.zeros((), dtype=torch.float32, device=device)
-        self.tightens = (config.clip == "auto" and config.max_ratio is not None
-                         and config.crossing_rate is not None and bounds_step)
+        # Bounding the step (holding the model's level, and in auto tightening its
+        # threshold on frequent crossings) only where a smaller gradient makes a smaller
+        # step.
+        self.holds = config.max_ratio is not None and bounds_step
+        self.tightens = (config.clip == "auto" and self.holds
+                         and config.crossing_rate is not None)
         # Per-channel z thresholds: the model's channel uses the configured values, the
         # layer channels the family-corrected ones.
         self.layer_z_threshold = family_z(config.z_threshold, n)
@@ -192,12 +197,15 @@ class Detector:
         # the fast fall of the first steps' norms.
         fed = torch.where(armed & ~robust, torch.minimum(fed, mean + bound), fed)
         level = fed
-        if cfg.max_ratio is not None:
+        if self.holds:
             # A model norm beyond its boundary is not evidence of where its typical
             # level is (it still widens the spread): the level learns from the steps
             # within the boundary only. So when most steps are beyond it (a learning
             # rate too high for the run), the boundary holds at the scale of the normal
-            # steps instead of being walked up by the clipped ones.
+            # steps instead of being walked up by the clipped ones: with an SGD-type
+            # optimizer, clipping becomes a bounded step. An adaptive optimizer's step
+            # is not bounded that way, and a held level would only go stale when its
+            # norms rise for good (they often do): there the level follows every step.
             level = torch.cat([torch.where(d.anomalous[:1], mean[:1], fed[:1]), fed[1:]])
         update = m.valid & ~m.nonfinite
         self.stats.update(level, update, spread=fed)

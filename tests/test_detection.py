@@ -183,10 +183,12 @@ def test_skip_threshold_skips_catastrophic_spike():
 
 
 def _rising(max_ratio, *, warmup, sigma, steps, growth):
-    """The steps table of an MLP whose gradients are multiplied by growth(t) at step t."""
+    """The steps table of an MLP trained with SGD whose gradients are multiplied by
+    growth(t) at step t."""
     torch.manual_seed(0)
     model = mlp()
-    monitor = gradwatch.attach(model, run_dir=False, max_ratio=max_ratio, warmup_steps=warmup)
+    monitor = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                               run_dir=False, max_ratio=max_ratio, warmup_steps=warmup)
     stream = GradStream(model, sigma=sigma)
     for t in range(steps):
         stream.write(diffuse={m: growth(t) for m in ("0", "2", "4")})
@@ -234,7 +236,7 @@ def test_a_blow_up_during_warm_up_is_held_to_the_first_steps_scale():
 
 
 def test_steps_beyond_the_boundary_do_not_walk_the_typical_norm_up():
-    # A learning rate too high for the whole run: from step 40 on most steps' norms
+    # SGD with a learning rate too high for the whole run: from step 40 on most steps' norms
     # are 2-8x the earlier level. Those steps are clipped, and they do not teach the
     # statistics a new typical level (only the steps within the boundary do), so the
     # boundary holds at the scale of the normal steps instead of following them up.
@@ -317,12 +319,35 @@ def test_the_threshold_never_tightens_without_an_sgd_type_optimizer(optimizer):
     # many of its steps at the typical norm would only harm. Without the optimizer the
     # monitor cannot tell, and does no harm either.
     if optimizer is None:
-        monitor = _jumping(0.02, steps=200, optimizer=lambda params, lr: None)
-    else:
-        monitor = _jumping(0.02, steps=200, optimizer=optimizer)
-    fixed = _jumping(None, steps=200)
+        optimizer = lambda params, lr: None  # noqa: E731 - attached without one
+    monitor = _jumping(0.02, steps=200, optimizer=optimizer)
+    fixed = _jumping(None, steps=200, optimizer=optimizer)
     assert monitor.steps().threshold.equals(fixed.steps().threshold)
     assert monitor.steps().action.equals(fixed.steps().action)
+
+
+def _risen_for_good(optimizer):
+    """The steps table of a monitor whose model norm rises fourfold for good at step
+    100 (as norms often do under Adam), with ``optimizer`` given."""
+    torch.manual_seed(0)
+    model = mlp()
+    monitor = gradwatch.attach(model, optimizer(model.parameters(), lr=0.01), run_dir=False)
+    stream = GradStream(model, sigma=0.1)
+    for t in range(400):
+        stream.write(diffuse={m: 4.0 if t >= 100 else 1.0 for m in ("0", "2", "4")})
+        monitor.step()
+    return monitor.steps().set_index("step")
+
+
+def test_with_an_adaptive_optimizer_the_level_follows_a_lasting_rise():
+    # Holding the level bounds an SGD step; an Adam step it does not bound, and a held
+    # level would go stale and clip every step after the rise.
+    adam = _risen_for_good(torch.optim.Adam)
+    late = adam.loc[300:]
+    assert (late.typical_norm / late.global_norm).between(0.67, 1.5).all()
+    assert (late.action != "none").mean() < 0.05
+    sgd = _risen_for_good(torch.optim.SGD)  # the documented flip side: held, clipped
+    assert (sgd.loc[300:].action == "clip_norm").mean() > 0.9
 
 
 def test_a_rare_spike_leaves_the_threshold_near_the_boundary():
