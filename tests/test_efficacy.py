@@ -134,3 +134,23 @@ def test_plot_is_written_where_asked_and_nowhere_with_an_empty_one(tmp_path, mon
     parser = common.parser("doc", "lm", seeds=3, plot="PNG")
     assert parser.parse_args(["--plot", ""]).plot is None
     assert parser.parse_args([]).plot == common.HERE / "lm.png"
+
+
+def test_sensitivity_scores_spikes_alarms_harm_and_level(tmp_path, monkeypatch):
+    # A short run of experiment 5 on one scenario: every table row is written, a ×30
+    # spike is flagged by both detectors, and the level metric reads the typical norm.
+    import sensitivity
+
+    monkeypatch.setattr(sensitivity, "STEPS", 160)
+    monkeypatch.setattr(sensitivity, "SPIKES", [110, 140])
+    monkeypatch.setattr(sensitivity, "MAGNITUDES", (30.0,))
+    monkeypatch.setattr(sensitivity, "LEVEL_FROM", 75)
+    data = sensitivity.load_data()
+    res = sensitivity.run_scenario("mlp_sgd", sensitivity.SCENARIOS["mlp_sgd"], 1, data)
+    for method in ("gradwatch", "zclip"):
+        assert {110, 140} <= res["spikes"][(method, 30.0)]["flagged"]
+    run = res["clean"]["gradwatch"][0]
+    assert 1.0 <= sensitivity.level_ratio(run) < 3.0
+    page = sensitivity.report({"mlp_sgd": res}, held_out=False)
+    assert "| mlp_sgd | gradwatch | 2/2 |" in page
+    assert page.count("| mlp_sgd |") == 4  # recall and clean rows, each method
