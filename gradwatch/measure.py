@@ -100,14 +100,9 @@ class GradReader:
         """Per-tensor norms and max |g| in fp32, reduced to per-layer values."""
         plan, grads = self._plan()
         n = self.layers.num_layers
-        dev = self.device
-        norms, max_abs = F.tensor_norms(grads, plan.groups, dev)
-        if not grads:
-            norms = max_abs = torch.zeros(0, dtype=torch.float32, device=dev)
+        norms, max_abs = self._tensor_norms(plan, grads, with_max_abs=True)
         layer_max = F.layer_max(max_abs, plan.layer_index, n)
-        if plan.sum_weight is not None:  # replicated tensors count on one rank only
-            norms = norms * plan.sum_weight
-        layer_sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
+        layer_sumsq = self._layer_sumsq(plan, norms)
         present = plan.layer_present
         layer_numel = plan.layer_numel
         if self.shards is not None:
@@ -140,13 +135,23 @@ class GradReader:
     def layer_norms(self, m: Measurement) -> Tensor:
         """The per-layer L2 norms of ``m``'s gradients as they are now (after an edit
         in place, such as clipping by value)."""
-        plan, n, dev = m.plan, self.layers.num_layers, self.device
-        norms, _ = F.tensor_norms(m.grads, plan.groups, dev, with_max_abs=False)
-        if not m.grads:
-            norms = torch.zeros(0, dtype=torch.float32, device=dev)
-        if plan.sum_weight is not None:
-            norms = norms * plan.sum_weight
-        sumsq = F.layer_sum_of_squares(norms, plan.layer_index, n)
+        norms, _ = self._tensor_norms(m.plan, m.grads, with_max_abs=False)
+        sumsq = self._layer_sumsq(m.plan, norms)
         if self.shards is not None:
             sumsq = self.shards.reducer.sum(sumsq)
         return sumsq.sqrt()
+
+    def _tensor_norms(self, plan: GradPlan, grads: list[Tensor], *,
+                      with_max_abs: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-tensor L2 norms (and max |g|), empty vectors when no gradient is present."""
+        if not grads:
+            empty = torch.zeros(0, dtype=torch.float32, device=self.device)
+            return empty, empty if with_max_abs else None
+        return F.tensor_norms(grads, plan.groups, self.device, with_max_abs=with_max_abs)
+
+    def _layer_sumsq(self, plan: GradPlan, norms: Tensor) -> Tensor:
+        """This rank's per-layer sums of squares (a replicated tensor of a sharded model
+        counts on one rank only)."""
+        if plan.sum_weight is not None:
+            norms = norms * plan.sum_weight
+        return F.layer_sum_of_squares(norms, plan.layer_index, self.layers.num_layers)
