@@ -56,7 +56,8 @@ class MonitorConfig:
     """The model's log gradient norm this many standard deviations above its running
     mean is an explosion. For layers the threshold is raised so that, over all layers
     together, a normal step is flagged no more often than by this single test
-    (Bonferroni: 4.0 becomes 4.98 for 100 layers)."""
+    (Bonferroni: 4.0 becomes 4.98 for 100 layers). With ``calibrate`` it is also
+    raised where the run's own tail is heavier than a Gaussian's."""
 
     clip_z: float = 2.5
     """Adaptive modes (``auto``, ``zscore``) clip a norm whose z-score exceeds this back
@@ -66,40 +67,43 @@ class MonitorConfig:
     ``z_threshold``, it is raised for layers by the number of layers (Bonferroni)."""
 
     max_ratio: float | None = 2.0
-    """Adaptive modes: a norm threshold is at most this multiple of the typical norm
-    (the running geometric mean), and values fed to the statistics are winsorised at
-    the same boundary. Where normal norms are heavy-tailed or rise step after step (a
-    learning rate too high, or blowing up), ``clip_z`` deviations of the log norm would
-    let the threshold climb with the norm; this keeps it anchored. With an SGD-type
-    optimizer (see ``crossing_rate``) a model norm beyond the boundary widens the
-    spread but does not move the typical level, which learns from the steps within it
-    only: when most steps are beyond it (a learning rate too high for the run), the
-    threshold holds at the scale of the normal steps, a bounded step. (With an
-    adaptive optimizer clipping does not bound the step, and the level follows every
-    step.) The flip side, with SGD: a legitimate jump of the model norm to more than this multiple (say,
-    a large part of the model unfrozen at once) stays clipped to the old scale (in
-    ``auto``, since it crosses on most steps, to the old typical norm itself) until
-    enough steps fall within the boundary; re-attach, or pass ``None``. It also protects
-    the warm-up: from the second step on, before a deviation is known, the model's norm
-    is clipped at this multiple of its running typical value (and fed to the
-    statistics clipped), so a run that blows up in its first steps is held to their
-    scale. ``None``: thresholds from ``clip_z`` alone, none during warm-up."""
+    """Adaptive modes: a cap on the model's clipping threshold, as a multiple of the
+    typical norm (the running geometric mean); values fed to the statistics are
+    winsorised at the same boundary. It applies during warm-up (from the second step
+    on, before a deviation is known, so a run that blows up in its first steps is
+    held to their scale), and afterwards on evidence of instability (an explosion or
+    a drift event in the last 100 steps), where a steadily rising norm would otherwise
+    drag its own threshold up. With an SGD-type optimizer (SGD, ASGD: a step
+    proportional to the gradient) it applies throughout, and while the run is unstable
+    (an alarm, or crossings of this boundary in the last ~50 steps) the step is
+    *bounded*: a model norm beyond the boundary does not move the typical level, which
+    learns from the steps within it only, and at the spread's slower rate; so when
+    most steps are beyond it (a learning rate too high for the run) the threshold holds
+    at the scale of the normal steps. An adaptive optimizer's step is not bounded that
+    way, and its level follows every step. The flip side, with SGD: a legitimate jump
+    of the model norm to more than this multiple (a large part of the model unfrozen at
+    once), or norms heavy-tailed enough to cross it often, are clipped to the old
+    scale (in ``auto``, tightened towards the typical norm) until enough steps fall
+    within the boundary; pass ``crossing_rate=None`` or ``max_ratio=None``. ``None``:
+    thresholds from ``clip_z`` alone, none during warm-up."""
 
     crossing_rate: float | None = 0.02
     """``auto`` with ``max_ratio`` and an SGD-type optimizer (SGD, ASGD: a step
     proportional to the gradient; not Adam, AdamW, Adagrad, RMSprop, Adafactor and the
     like, whose step barely depends on the gradient's scale, nor a monitor attached
     without its optimizer): how often the model norm may cross its boundary (above)
-    before the clipping threshold tightens. While crossings are more frequent
-    than this (a learning rate too high for the run, or norms heavy-tailed enough that
-    steps far beyond the typical one are routine), the model's threshold comes down
-    from the boundary towards the typical norm itself, never below it, so a step's
-    size is held at the scale of a typical step; as crossings become rare it rises
-    back. One crossing tightens it by about a seventh of the way; at 0.02 it relaxes
-    fully in about 330 steps without one. Events (``z_threshold``) and the statistics
-    are not affected. The price: on healthy runs with heavy-tailed norms (small
-    batches) many normal steps are clipped at about the typical norm. ``None``: the
-    threshold stays at the boundary."""
+    before the clipping threshold tightens. While crossings are more frequent than this
+    (a learning rate too high for the run, or norms heavy-tailed enough that steps far
+    beyond the typical one are routine), the model's threshold comes down from the
+    boundary towards the typical norm itself, never below it, so a step's size is held
+    at the scale of a typical step; as crossings become rare it rises back. One
+    crossing tightens it by about a seventh of the way; at 0.02 it relaxes fully in
+    about 330 steps without one. A crossing also counts as evidence of instability
+    until the tightening it caused has relaxed (see ``max_ratio``). The tightening
+    applies while the run is unstable; events (``z_threshold``) are not affected.
+    The price: on SGD runs with heavy-tailed norms (small batches, a loss near zero)
+    many normal steps are clipped at about the typical norm. ``None``: the threshold
+    stays at the boundary, and only alarms count as evidence of instability."""
 
     concentration_z: float = 3.0
     """``clip="auto"``: a layer whose concentration (max |g| / RMS of g) is this many
@@ -111,7 +115,31 @@ class MonitorConfig:
     skipped instead of clipped. Must be above ``z_threshold``."""
 
     ema_decay: float = 0.98
-    """Decay of the running mean and variance of each log norm (0-1)."""
+    """Decay of the running variance of each log norm (0-1): the spread is estimated
+    over about ``1 / (1 - ema_decay)`` steps."""
+
+    level_decay: float = 0.95
+    """Decay of the running mean of each log norm (0-1): the typical level. It follows
+    the run in both directions within about ``1 / (1 - level_decay)`` steps (20 at
+    0.95), so when norms fall steeply (Adam finding its footing) the level keeps up and
+    a spike is still measured against the norms of its time. Values fed to it are
+    winsorised at the clipping boundary, so a spike does not drag it."""
+
+    calibrate: bool = True
+    """Calibrate every norm's event threshold and clipping boundary to its own tail:
+    a running 95th percentile of its z-scores is compared with a Gaussian's (1.645),
+    and where the tail is heavier, ``z_threshold`` and ``clip_z`` are raised by the
+    same factor (never lowered). A healthy heavy-tailed run (small batches, a loss
+    near zero) then raises about as few events and clips as few steps as a Gaussian
+    one. ``False``: the thresholds as configured."""
+
+    drift_threshold: float | None = 5.0
+    """A one-sided CUSUM on the model's (calibrated) log-norm z-score: each step adds
+    ``min(z, 3) - 0.75``, a step below that drains it, and when the sum exceeds this
+    value the monitor raises a ``drift`` event: a sustained rise (a learning rate too
+    high or growing, an instability building up), once per episode, with the step
+    where the rise began and its growth per step. It also counts as evidence of
+    instability (see ``crossing_rate``). ``None``: no drift test."""
 
     warmup_steps: int = 25
     """Steps of statistics a layer needs before it can be flagged or clipped by the
@@ -224,6 +252,17 @@ class MonitorConfig:
 
     def _validate_statistics(self) -> None:
         _in_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        _in_range("level_decay", self.level_decay, 0.0, 1.0, low_open=True, high_open=True)
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate={self.calibrate!r} must be True or False")
+        if self.drift_threshold is not None and not (
+            _is_real(self.drift_threshold) and math.isfinite(self.drift_threshold)
+            and self.drift_threshold > 0
+        ):
+            raise ValueError(
+                f"drift_threshold={self.drift_threshold!r} must be a finite number > 0 (in "
+                "deviations; 5.0 by default), or None to switch the drift test off"
+            )
         _integer("warmup_steps", self.warmup_steps, minimum=1)
         _positive("min_std", self.min_std)
         _integer("window", self.window, minimum=2)

@@ -1,13 +1,33 @@
 """Detection: what is normal for every layer, and how far this step is from it.
 
 :class:`Detector` owns the running statistics of every channel (the model's log norm,
-each layer's log norm, log max |g| and log concentration): bias-corrected EMAs of
-mean and variance, a window of recent log norms for quantiles, and in ``auto`` how
-far the model's clipping threshold is tightened by frequent crossings. Each step it
-:meth:`~Detector.score`\\ s a :class:`~gradwatch.measure.Measurement` against the
-state before the step (a :class:`Detection`), and after the clipping decision it
-:meth:`~Detector.update`\\ s itself robustly: values beyond the boundary are fed back
-clipped, and non-finite values never enter. Everything stays on the device.
+each layer's log norm, log max |g| and log concentration): bias-corrected EMAs of the
+level and the spread, a running 95th percentile of every norm's z-scores (its tail, to
+which thresholds are calibrated), a CUSUM on the model's z for sustained rises (drift),
+how many steps ago the last alarm was (evidence of instability), a window of recent
+log norms for quantiles, and in ``auto`` how far the model's clipping threshold is
+tightened by frequent crossings. Each step it :meth:`~Detector.score`\\ s a
+:class:`~gradwatch.measure.Measurement` against the state before the step (a
+:class:`Detection`), and after the clipping decision it :meth:`~Detector.update`\\ s
+itself robustly: values beyond the boundary are fed back clipped, and non-finite
+values never enter. Everything stays on the device.
+
+Why these estimators (measured in ``benchmarks/efficacy``, experiment 5):
+
+* **Level.** A winsorised EMA of the log norm with a short memory (``level_decay``):
+  it follows a steep fall (a conv net under Adam, whose norm falls 300-fold early on)
+  within about 20 steps, where a decay of 0.98 stayed several times above the actual
+  norm for hundreds of steps; winsorising both sides at the boundary keeps a spike from
+  dragging it (winsorising only the upper side biased it low on heavy-tailed runs).
+* **Tail.** Winsorised Gaussian z-scores under-state a heavy tail, so a fixed
+  ``z_threshold`` flags healthy heavy-tailed runs often (tens per 1,000 steps on the
+  digits MLP). Thresholds are raised by the ratio of the running 95th percentile of z
+  to a Gaussian's: a quantile that is estimated well within a few hundred steps.
+* **Drift.** A per-step z waits for one step to stand out; Page's CUSUM adds up
+  moderate excesses, so a norm growing 5-10 % a step is flagged within about 10 steps.
+* **Bounding the step** (holding the level, the ``max_ratio`` cap after warm-up, and
+  ``auto``'s tightening) only on evidence of instability: an explosion or a drift in
+  the last 100 steps. A healthy run is then clipped only at its anomalies.
 """
 
 from __future__ import annotations
@@ -22,9 +42,9 @@ from torch import Tensor
 
 from .config import MonitorConfig
 from .measure import Measurement
-from .stats import EmaStats, RecentWindow
+from .stats import Cusum, EmaStats, RecentWindow, RunningQuantile
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 # Below this many updates a channel is fed raw values; from then on values are
 # winsorised at the detection threshold, so one early spike cannot inflate the
@@ -33,6 +53,16 @@ _ROBUST_AFTER = 5
 # How far one crossing of the model's boundary tightens its clipping threshold towards
 # the typical norm (a share of the way; see MonitorConfig.crossing_rate).
 _TIGHTEN_STEP = 0.15
+# After an explosion or a drift event, the step is bounded (see Detector.bounding) for
+# this many steps.
+UNSTABLE_FOR = 100
+# The tail: a running quantile of each norm's z-scores against a Gaussian's.
+_TAIL_Q = 0.95
+_GAUSS_TAIL = NormalDist().inv_cdf(_TAIL_Q)
+_TAIL_RATE = 0.02
+# The drift test: each step adds min(z, cap) - slack deviations.
+DRIFT_SLACK = 0.75
+DRIFT_CAP = 3.0
 
 
 def family_z(z: float, num_tests: int) -> float:
@@ -64,7 +94,10 @@ class Detection:
         flagged: norms beyond the event threshold (``1 + L``).
         explosion: any of them (0-dim).
         bound: how far above its mean a channel's log may go before it is clipped.
-        clip_z: the clipping boundary in deviations, per channel.
+        clip_z: the clipping boundary in deviations, per channel (calibrated).
+        event_limit: the event threshold of the model's and every layer's z-score,
+            calibrated to its tail (``1 + L``).
+        scored: channels whose z-score counts (warm, valid and finite).
         armed: channels whose boundary applies.
         anomalous: norms beyond their boundary (``1 + L``).
         norm_threshold: the norm threshold of the model and of every layer
@@ -73,6 +106,12 @@ class Detection:
         concentrated: layers beyond their boundary whose concentration is far above
             normal: outliers in a few components (``L``).
         window: the recent log norms (read by the percentile rule).
+        drift: this step raised the drift test's alarm (0-dim).
+        drift_steps: how many steps ago the rise began (0-dim).
+        drift_growth: the model norm's estimated growth per step since then (0-dim).
+        alarm: an explosion or a drift at this step (0-dim).
+        bounding: the step is bounded at this step: an SGD-type optimizer and an alarm
+            in the last ``UNSTABLE_FOR`` steps (0-dim).
     """
 
     mean: Tensor
@@ -82,12 +121,21 @@ class Detection:
     explosion: Tensor
     bound: Tensor
     clip_z: Tensor
+    event_limit: Tensor
+    scored: Tensor
     armed: Tensor
     anomalous: Tensor
     norm_threshold: Tensor
     concentration_z: Tensor
     concentrated: Tensor
     window: RecentWindow
+    drift: Tensor
+    drift_steps: Tensor
+    drift_growth: Tensor
+    drift_sum: Tensor
+    drift_tested: Tensor
+    alarm: Tensor
+    bounding: Tensor
 
     @property
     def norm_z(self) -> Tensor:
@@ -103,9 +151,9 @@ class Detector:
         config: thresholds, decay, warm-up and the ``auto`` tightening.
         device: where the state lives.
         bounds_step: whether a smaller gradient makes a smaller optimizer step
-            (SGD-type optimizers); only then is the model's level held while its norm
-            is beyond the boundary, and does ``auto`` tighten the model's threshold on
-            frequent crossings.
+            (SGD-type optimizers); only then, and only on evidence of instability, is
+            the model's level held while its norm is beyond the boundary, and does
+            ``auto`` tighten the model's threshold on frequent crossings.
     """
 
     def __init__(self, num_layers: int, config: MonitorConfig, device: torch.device,
@@ -113,8 +161,18 @@ class Detector:
         n = num_layers
         self.num_layers = n
         self.config = config
-        self.stats = EmaStats(1 + 3 * n, config.ema_decay, device)
+        self.stats = EmaStats(1 + 3 * n, config.ema_decay, device,
+                              mean_decay=config.level_decay)
         self.window = RecentWindow(1 + n, config.window, device)
+        # The centre and the upper tail of every norm's z-scores: the running median and
+        # 95th percentile. A level held by step bounding, or lagging, shifts them both;
+        # the tail's width (their gap) is the shape the thresholds are calibrated to.
+        self.center = RunningQuantile(1 + n, 0.5, 0.0, _TAIL_RATE, device)
+        self.tail = RunningQuantile(1 + n, _TAIL_Q, _GAUSS_TAIL, _TAIL_RATE, device)
+        self.drift = (None if config.drift_threshold is None
+                      else Cusum(DRIFT_SLACK, DRIFT_CAP, config.drift_threshold, device))
+        # Steps since the last explosion or drift (inf: none yet).
+        self.since_alarm = torch.full((), math.inf, dtype=torch.float32, device=device)
         # auto: where the model's clipping threshold sits between its boundary (0) and
         # the typical norm (1), driven by how often norms cross the boundary.
         self.tightness = torch.zeros((), dtype=torch.float32, device=device)
@@ -132,6 +190,10 @@ class Detector:
                                      device=device)
         self._z_clip = torch.tensor([config.clip_z] + [self.layer_clip_z] * (3 * n),
                                     device=device)
+        self._ones = torch.ones(2 * n, device=device)
+        self._level_decay = torch.full((3 * n,), config.level_decay, device=device)
+        self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
 
     def score(self, m: Measurement) -> Detection:
         """Compare ``m`` with the statistics as they are before this step."""
@@ -144,46 +206,101 @@ class Detector:
         scored = valid & warm & ~nonfinite
         z = torch.where(scored, (x - mean) / std, 0.0)
         norm_z = z[: n + 1]  # model, then layers
-        # Two levels: beyond z_threshold a step is an explosion (an event); beyond
+        # Thresholds calibrated to each norm's own tail: raised (never lowered) by how
+        # much wider than a Gaussian's the gap between its z-scores' median and 95th
+        # percentile is. Events are scored from that median: where the level is held
+        # (step bounding) or lags, z-scores shift, and a step must stand out from the
+        # steps of its time to be an explosion.
+        center = self.center.value
+        calibration = (
+            ((self.tail.value - center) / _GAUSS_TAIL).clamp_min(1.0) if cfg.calibrate
+            else torch.ones_like(self.tail.value)
+        )
+        # Two levels: beyond the event limit a step is an explosion (an event); beyond
         # clip_z (usually lower) the adaptive modes clip it back to that boundary.
         # Layer thresholds are raised for the number of layers (see family_z), so the
         # chance that a normal step is flagged does not grow with depth.
-        flagged = norm_z > self._z_event
-        # How far above its typical (log) value a norm may go before it is clipped, and
-        # how far a value fed to the statistics may be from it: clip_z deviations, but
-        # at most max_ratio times the typical norm, so a heavy-tailed or steadily rising
-        # norm cannot drag its own threshold up.
-        bound = self._z_clip * std
-        # Channels whose boundary applies: warmed up; with max_ratio, the model's from
-        # its second step on. Until its deviation is known, the model's boundary is
-        # max_ratio times its running typical norm: a run that blows up in its first
-        # steps (a learning rate far too high) is held to the scale of those steps
-        # instead of going unclipped until the statistics are warm.
-        armed = warm
-        if cfg.max_ratio is not None:
-            log_r = math.log(cfg.max_ratio)
-            model_bound = torch.where(warm[:1], bound[:1].clamp(max=log_r), log_r)
-            bound = torch.cat([model_bound, bound[1:]])
-            armed = torch.cat([count[:1] > 0, warm[1:]])
+        if not cfg.calibrate:
+            center = torch.zeros_like(center)
+        event_limit = center + self._z_event * calibration
+        flagged = norm_z > event_limit
+        # Steps flagged as explosions are left out of the drift test: a spike is an
+        # event of its own, and repeated spikes are not a rise of the level. The test
+        # starts after twice the warm-up: as a network leaves its initialisation its
+        # norm often rises for a few dozen steps, and that says nothing of stability.
+        tested = scored[0] & ~flagged.any() & (count[0] >= 2 * cfg.warmup_steps)
+        drift, drift_sum, drift_steps, drift_growth = self._drift_test(
+            (norm_z[0] - center[0]) / calibration[0], tested, x[0])
+        alarm = flagged.any() | drift
+        # Evidence of instability: an alarm now or in the last UNSTABLE_FOR steps; with
+        # an SGD-type optimizer in auto also crossings of the max_ratio boundary, until
+        # the tightness they raised has relaxed (about 50 steps after a single one).
+        # Bounding must start with the first crossings: where the learning rate is too
+        # high for the run, a level left to follow the first few dozen of them runs
+        # away (digits, normalised inputs: 0.85 accuracy instead of 0.92).
+        unstable = alarm | (self.since_alarm < UNSTABLE_FOR)
+        if self.tightens:
+            unstable = unstable | (self.tightness > 0)
+        clip_z = self._z_clip * torch.cat([calibration, self._ones])
+        bound, armed = self._boundary(clip_z * std, count, warm, unstable)
         # Beyond that boundary a norm is anomalous (and clipped back to it).
         anomalous = (
             (armed & valid & ~nonfinite)[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1])
         )
+        bounding = unstable if self.holds else self._false
         clip_bound = bound
         if self.tightens:
-            # Frequent crossings: the model's threshold comes down towards the typical
-            # norm (never below), bounding each step at a typical one.
-            clip_bound = torch.cat([bound[:1] * (1 - self.tightness), bound[1 : n + 1]])
+            # Frequent crossings while the step is bounded: the model's threshold comes
+            # down towards the typical norm (never below), bounding each step at a
+            # typical one.
+            tight = torch.where(bounding, self.tightness, 0.0)
+            clip_bound = torch.cat([bound[:1] * (1 - tight), bound[1 : n + 1]])
         norm_threshold = torch.where(
             armed[: n + 1], (mean[: n + 1] + clip_bound[: n + 1]).exp(), math.inf
         )
         conc_z = z[2 * n + 1 :]
         return Detection(
             mean=mean, std=std, z=z, flagged=flagged, explosion=flagged.any(), bound=bound,
-            clip_z=self._z_clip, armed=armed, anomalous=anomalous,
-            norm_threshold=norm_threshold, concentration_z=conc_z,
+            clip_z=clip_z, event_limit=event_limit, scored=scored, armed=armed,
+            anomalous=anomalous, norm_threshold=norm_threshold, concentration_z=conc_z,
             concentrated=anomalous[1:] & (conc_z > cfg.concentration_z), window=self.window,
+            drift=drift, drift_steps=drift_steps, drift_growth=drift_growth,
+            drift_sum=drift_sum, drift_tested=tested, alarm=alarm, bounding=bounding,
         )
+
+    def _drift_test(self, z: Tensor, scored: Tensor, log_norm: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The CUSUM on the model's calibrated z: ``(alarm, sum, steps since the rise
+        began, growth per step since then)``."""
+        if self.drift is None:
+            return self._false, self._zero, self._zero, self._zero
+        total, alarm = self.drift.peek(z, scored)
+        steps = self.drift.length
+        growth = ((log_norm - self.drift.base) / (steps + 1)).exp()
+        return alarm, total, steps, growth
+
+    def _boundary(self, bound: Tensor, count: Tensor, warm: Tensor, unstable: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+        """How far above its typical (log) value each channel may go, and which
+        boundaries apply (``armed``).
+
+        ``clip_z`` calibrated deviations; with ``max_ratio``, the model's at most
+        ``log(max_ratio)`` while its deviation is unknown (warm-up, from its second
+        step on: a run that blows up in its first steps is held to their scale), with
+        an SGD-type optimizer always (its crossings are what tighten the threshold),
+        and otherwise while the run is unstable (a rising norm cannot drag its own
+        threshold up then).
+        """
+        cfg = self.config
+        armed = warm
+        if cfg.max_ratio is not None:
+            log_r = math.log(cfg.max_ratio)
+            cap = unstable if not self.holds else torch.ones_like(unstable)
+            capped = torch.where(cap, bound[:1].clamp(max=log_r), bound[:1])
+            model_bound = torch.where(warm[:1], capped, log_r)
+            bound = torch.cat([model_bound, bound[1:]])
+            armed = torch.cat([count[:1] > 0, warm[1:]])
+        return bound, armed
 
     def update(self, m: Measurement, d: Detection, step: int) -> None:
         """Fold this step into the statistics, robustly: winsorised at the clipping
@@ -196,19 +313,22 @@ class Detector:
         # Armed during warm-up: only the upper side, so the typical norm still follows
         # the fast fall of the first steps' norms.
         fed = torch.where(armed & ~robust, torch.minimum(fed, mean + bound), fed)
-        level = fed
+        level, decay = fed, None
         if self.holds:
-            # A model norm beyond its boundary is not evidence of where its typical
-            # level is (it still widens the spread): the level learns from the steps
-            # within the boundary only. So when most steps are beyond it (a learning
-            # rate too high for the run), the boundary holds at the scale of the normal
-            # steps instead of being walked up by the clipped ones: with an SGD-type
-            # optimizer, clipping becomes a bounded step. An adaptive optimizer's step
-            # is not bounded that way, and a held level would only go stale when its
-            # norms rise for good (they often do): there the level follows every step.
-            level = torch.cat([torch.where(d.anomalous[:1], mean[:1], fed[:1]), fed[1:]])
+            # While the step is bounded, a model norm beyond its boundary is not
+            # evidence of where its typical level is (it still widens the spread): the
+            # level learns from the steps within the boundary only. So when most steps
+            # are beyond it (a learning rate too high for the run), the boundary holds
+            # at the scale of the normal steps instead of being walked up by the
+            # clipped ones: with an SGD-type optimizer, clipping becomes a bounded step.
+            # While bounded the model's level also learns at the spread's slower rate,
+            # so an unstable stretch does not carry it along.
+            held = d.anomalous[:1] & d.bounding
+            level = torch.cat([torch.where(held, mean[:1], fed[:1]), fed[1:]])
+            decay = torch.cat([torch.where(d.bounding, cfg.ema_decay, cfg.level_decay).reshape(1),
+                               self._level_decay])
         update = m.valid & ~m.nonfinite
-        self.stats.update(level, update, spread=fed)
+        self.stats.update(level, update, spread=fed, mean_decay=decay)
         if self.tightens:
             # A crossing tightens, a step within the boundary relaxes: at equilibrium
             # norms cross it at crossing_rate, or the threshold rests at either end.
@@ -217,6 +337,12 @@ class Detector:
             self.tightness.copy_(
                 torch.where(armed[0] & update[0], tightened.clamp(0.0, 1.0), self.tightness)
             )
+        if cfg.calibrate:
+            self.center.update(d.norm_z, d.scored[: n + 1])
+            self.tail.update(d.norm_z, d.scored[: n + 1])
+        if self.drift is not None:
+            self.drift.update(d.drift_sum, d.drift, d.drift_tested, mean[0])
+        self.since_alarm.copy_(torch.where(d.alarm, 0.0, self.since_alarm + 1))
         # The window keeps the raw log norms: quantiles are robust to a few spikes.
         self.window.push(x[: n + 1], update[: n + 1], step)
 
@@ -236,6 +362,10 @@ class Detector:
             "stats": self.stats.state_dict(),
             "window": self.window.state_dict(),
             "tightness": self.tightness.clone(),
+            "tail": self.tail.state_dict(),
+            "center": self.center.state_dict(),
+            "drift": None if self.drift is None else self.drift.state_dict(),
+            "since_alarm": self.since_alarm.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,3 +379,12 @@ class Detector:
         self.stats.load_state_dict({k: v.to(device) for k, v in state["stats"].items()})
         self.window.load_state_dict({k: v.to(device) for k, v in state["window"].items()})
         self.tightness.copy_(torch.as_tensor(state.get("tightness", 0.0)).to(device))
+        # Version 1 had no tail, drift test or alarm clock: they start afresh.
+        if state.get("tail") is not None:
+            self.tail.load_state_dict(state["tail"])
+        if state.get("center") is not None:
+            self.center.load_state_dict(state["center"])
+        if state.get("drift") is not None and self.drift is not None:
+            self.drift.load_state_dict(state["drift"])
+        if "since_alarm" in state:
+            self.since_alarm.copy_(torch.as_tensor(state["since_alarm"]).to(device))

@@ -1,5 +1,6 @@
-"""Events read from step rows: explosions, non-finite gradients and AMP overflows, each
-with the layers involved, the action taken and a reason that quotes the numbers.
+"""Events read from step rows: explosions, drifts (sustained rises), non-finite
+gradients and AMP overflows, each with the layers involved, the action taken and a
+reason that quotes the numbers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .config import MonitorConfig
+from .detector import UNSTABLE_FOR
 from .rows import ACTIONS, RowLayout
 
 EVENT_COLUMNS = ("step", "kind", "layer", "layers", "action", "reason", "z", "global_norm",
@@ -34,6 +36,9 @@ class EventDecoder:
         self.config = config
         self.layer_z_threshold = layer_z_threshold
         self.skip_how = skip_how
+        # The last step whose row was bounded: an alarm after a longer calm says that
+        # bounding engages.
+        self._last_bounded = -(10**9)
 
     def events_of(self, step: int, row: np.ndarray) -> list[dict[str, Any]]:
         lay, cfg = self.layout, self.config
@@ -63,6 +68,11 @@ class EventDecoder:
                     )
                 )
             return events
+        engages = bool(s["bounding"]) and step - self._last_bounded > 1
+        if s["bounding"]:
+            self._last_bounded = step
+        if s["drift"]:
+            events.append(self._drift_event(step, s, action, engages))
         if not s["explosion"]:
             return events
         z = per["z"]
@@ -70,25 +80,54 @@ class EventDecoder:
         flagged = flagged[np.argsort(-z[flagged], kind="stable")]
         names = [self.layer_names[i] for i in flagged]
         parts = []
-        if s["z"] > cfg.z_threshold:
+        if s["z"] > s["z_limit"]:
             parts.append(
                 f"model norm {s['global_norm']:.3g} vs typical {s['typical_norm']:.3g} "
-                f"(log-norm z={s['z']:+.1f} > {cfg.z_threshold:g})"
+                f"(log-norm z={s['z']:+.1f} > {_limit(s['z_limit'], cfg.z_threshold)})"
             )
         for i in flagged[:3]:
+            limit = _limit(per["z_limit"][i], self.layer_z_threshold)
             parts.append(
                 f"layer {self.layer_names[i]!r} norm {per['grad_norm'][i]:.3g} vs typical "
-                f"{per['typical_norm'][i]:.3g} (z={z[i]:+.1f} > {self.layer_z_threshold:.3g}, "
+                f"{per['typical_norm'][i]:.3g} (z={z[i]:+.1f} > {limit}, "
                 f"concentration z={per['concentration_z'][i]:+.1f})"
             )
         if len(flagged) > 3:
             parts.append(f"and {len(flagged) - 3} more layer(s)")
         reason = "; ".join(parts) + ": " + self._what_was_done(action, s, per, flagged)
+        if engages and not s["drift"]:
+            reason += "; " + self._bounding_note()
         if not names:  # only the model-level norm crossed: name the largest layer z
             order = np.argsort(-np.where(per["present"] > 0, z, -np.inf), kind="stable")
             names = [self.layer_names[order[0]]] if len(order) else []
         events.append(self._event(step, "explosion", names, action, reason, s))
         return events
+
+    def _drift_event(self, step: int, s: dict[str, float], action: str,
+                     engages: bool) -> dict[str, Any]:
+        since = step - int(round(s["drift_steps"]))
+        reason = (
+            f"model norm rising x{s['drift_growth']:.3g} per step since step {since} "
+            f"(now {s['global_norm']:.3g}, typical {s['typical_norm']:.3g}; CUSUM of its "
+            f"z-scores > drift_threshold={self.config.drift_threshold:g}): learning rate "
+            "too high or growing, or an instability building up"
+        )
+        if engages:
+            reason += "; " + self._bounding_note()
+        return self._event(step, "drift", [], action, reason, s)
+
+    def _bounding_note(self) -> str:
+        cfg = self.config
+        note = (
+            f"step bounding on for the next {UNSTABLE_FOR} steps (an SGD-type optimizer, "
+            "whose step shrinks with the gradient, and an instability): the typical level "
+            "is held while norms cross the boundary"
+        )
+        if cfg.max_ratio is not None:
+            note += f", the threshold at most {cfg.max_ratio:g}x the typical norm"
+        if cfg.clip == "auto" and cfg.crossing_rate is not None:
+            note += ", tightened towards it on frequent crossings"
+        return note
 
     def _what_was_done(
         self, action: str, s: dict[str, float], per: dict[str, np.ndarray], flagged: np.ndarray
@@ -141,6 +180,13 @@ class EventDecoder:
             "global_norm": s["global_norm"],
             "threshold": s["threshold"],
         }
+
+
+def _limit(limit: float, configured: float) -> str:
+    """An event threshold as quoted in reasons, with its calibration where raised."""
+    if limit > configured * (1 + 1e-3):
+        return f"{limit:.3g} ({configured:.3g} raised x{limit / configured:.2f} for this run's tail)"
+    return f"{configured:.3g}"
 
 
 def _join(names: list[str], limit: int = 5) -> str:

@@ -74,7 +74,7 @@ class StepHistory:
         return event_frame(self.events)
 
 
-_BOOL_STEP_FIELDS = ("explosion", "nonfinite", "amp", "skip_z")
+_BOOL_STEP_FIELDS = ("explosion", "nonfinite", "amp", "skip_z", "drift", "bounding")
 
 
 def step_frame(layout: RowLayout, steps: np.ndarray, rows: np.ndarray):

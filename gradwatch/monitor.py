@@ -309,6 +309,11 @@ class GradMonitor:
                 "typical_norm": d.mean[0].exp(),
                 "coef": decision.coef,
                 "skip_z": skip_z,
+                "z_limit": d.event_limit[0],
+                "drift": d.drift & ~nonfinite,
+                "drift_steps": d.drift_steps,
+                "drift_growth": d.drift_growth,
+                "bounding": d.bounding,
             },
             {
                 "grad_norm": torch.where(present, m.layer_norm, math.nan),
@@ -320,6 +325,7 @@ class GradMonitor:
                 "concentration": torch.where(present, m.concentration, math.nan),
                 "concentration_z": d.concentration_z,
                 "value_threshold": decision.value_threshold,
+                "z_limit": d.event_limit[1:],
                 "flagged": d.flagged[1:] & ~nonfinite,
                 "present": present,
             },
@@ -394,7 +400,8 @@ class GradMonitor:
     def events(self):
         """Detected events as a pandas DataFrame.
 
-        Columns: ``step``, ``kind`` (``explosion``, ``nonfinite``, ``amp_overflow``),
+        Columns: ``step``, ``kind`` (``explosion``, ``drift``, ``nonfinite``,
+        ``amp_overflow``),
         ``layer`` (the most anomalous layer), ``layers`` (all of them, comma-joined),
         ``action``, ``reason`` (what was seen and done, with the numbers), ``z``,
         ``global_norm``, ``threshold``.

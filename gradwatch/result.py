@@ -56,8 +56,15 @@ class StepResult:
 
     @property
     def explosion(self) -> bool:
-        """Whether a z-score exceeded ``z_threshold`` at this step (synchronises)."""
+        """Whether a z-score exceeded its event threshold (``z_threshold``, calibrated
+        to the run's tail) at this step (synchronises)."""
         return bool(self._get("explosion"))
+
+    @property
+    def drift(self) -> bool:
+        """Whether the drift test flagged a sustained rise of the model norm at this
+        step (synchronises)."""
+        return bool(self._get("drift"))
 
     @property
     def nonfinite(self) -> bool:
@@ -82,6 +89,7 @@ class StepResult:
             "threshold": self.threshold,
             "action": self.action,
             "explosion": self.explosion,
+            "drift": self.drift,
             "nonfinite": self.nonfinite,
             "flagged_layers": self.flagged_layers,
         }

@@ -32,6 +32,11 @@ STEP_FIELDS = (
     "typical_norm",  # exp of the running mean of the model's log norm
     "coef",  # norm-clipping coefficient applied (1.0 = untouched)
     "skip_z",  # 1.0 if skipped because a z-score reached skip_threshold
+    "z_limit",  # the model's event threshold (z_threshold calibrated to its tail)
+    "drift",  # 1.0 if the drift test raised its alarm at this step
+    "drift_steps",  # how many steps ago the rise began (at a drift alarm)
+    "drift_growth",  # the model norm's estimated growth per step since then
+    "bounding",  # 1.0 if the step is bounded (SGD-type optimizer, run unstable)
 )
 LAYER_FIELDS = (
     "grad_norm",
@@ -43,6 +48,7 @@ LAYER_FIELDS = (
     "concentration",
     "concentration_z",
     "value_threshold",
+    "z_limit",
     "flagged",
     "present",
 )
@@ -84,7 +90,7 @@ def row_metrics(layout: RowLayout, layer_names: Sequence[str], row: np.ndarray,
 
     Keys: ``global_norm``, ``clipped_norm``, ``threshold``, ``z``, ``typical_norm``,
     ``coef`` (floats); ``action`` (one of :data:`ACTIONS`); ``clipped``, ``skipped``,
-    ``explosion``, ``nonfinite`` (0 or 1); ``grad_norm/<layer>`` for every layer with
+    ``explosion``, ``nonfinite``, ``drift``, ``bounding`` (0 or 1); ``grad_norm/<layer>`` for every layer with
     a gradient (unless ``layer_norms`` is false) and ``flagged_z/<layer>`` for every
     layer beyond its event threshold.
     """
@@ -96,6 +102,8 @@ def row_metrics(layout: RowLayout, layer_names: Sequence[str], row: np.ndarray,
     out["skipped"] = int(action == "skip")
     out["explosion"] = int(s["explosion"] > 0)
     out["nonfinite"] = int(s["nonfinite"] > 0)
+    out["drift"] = int(s["drift"] > 0)
+    out["bounding"] = int(s["bounding"] > 0)
     if layer_norms:
         norms = row[layout.layer["grad_norm"]]
         for j in np.flatnonzero(row[layout.layer["present"]] > 0):

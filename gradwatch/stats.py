@@ -1,9 +1,10 @@
-"""Running statistics kept on the device: bias-corrected EMAs and a window of recent values.
+"""Running statistics kept on the device: bias-corrected EMAs, a window of recent
+values, a running quantile and a one-sided CUSUM.
 
-Both objects hold one vector of "channels" (the model's log norm, every layer's log
-norm, log max |g| and log concentration) and are updated with a mask, so a channel
-whose value is missing or non-finite at a step keeps its previous state exactly.
-Nothing here reads a value on the host.
+Each object holds one vector of "channels" (the model's log norm, every layer's log
+norm, log max |g| and log concentration, or a subset) and is updated with a mask, so a
+channel whose value is missing or non-finite at a step keeps its previous state
+exactly. Nothing here reads a value on the host.
 """
 
 from __future__ import annotations
@@ -21,50 +22,70 @@ class EmaStats:
     early estimates are not pulled towards the zero they started from. Each channel
     counts its own updates, since a layer can be absent at some steps.
 
+    The mean (the typical level) and the variance (the spread) may decay at different
+    rates: a level that follows the run within a few dozen steps, and a spread
+    estimated over more of them. The mean's decay may also change from step to step
+    (see :meth:`update`); its bias correction is then the total weight its updates
+    received, ``1 - prod(decays)``, which is ``1 - b**n`` for a constant one.
+
     Args:
         size: number of channels.
-        decay: EMA decay in (0, 1).
+        decay: EMA decay of the variance in (0, 1).
         device: where the state lives (the gradients' device).
+        mean_decay: EMA decay of the mean; ``decay`` when not given.
     """
 
-    def __init__(self, size: int, decay: float, device: torch.device) -> None:
+    def __init__(self, size: int, decay: float, device: torch.device,
+                 mean_decay: float | None = None) -> None:
         self.decay = decay
+        self.mean_decay = decay if mean_decay is None else mean_decay
         self.mean = torch.zeros(size, dtype=torch.float32, device=device)
         self.var = torch.zeros(size, dtype=torch.float32, device=device)
         self.count = torch.zeros(size, dtype=torch.int64, device=device)
+        self.mean_weight = torch.zeros(size, dtype=torch.float32, device=device)
 
     def moments(self) -> tuple[Tensor, Tensor]:
         """Bias-corrected ``(mean, variance)``; NaN for channels never updated."""
-        correction = 1.0 - torch.pow(self.decay, self.count.to(torch.float32))
+        count = self.count.to(torch.float32)
         seen = self.count > 0
-        safe = torch.where(seen, correction, 1.0)
         nan = torch.full_like(self.mean, float("nan"))
+        mean_corr = torch.where(seen, self.mean_weight, 1.0)
+        var_corr = torch.where(seen, 1.0 - torch.pow(self.decay, count), 1.0)
         return (
-            torch.where(seen, self.mean / safe, nan),
-            torch.where(seen, self.var / safe, nan),
+            torch.where(seen, self.mean / mean_corr, nan),
+            torch.where(seen, self.var / var_corr, nan),
         )
 
-    def update(self, x: Tensor, mask: Tensor, spread: Tensor | None = None) -> None:
+    def update(self, x: Tensor, mask: Tensor, spread: Tensor | None = None,
+               mean_decay: Tensor | None = None) -> None:
         """Fold ``x`` into the channels where ``mask`` is true; leave the rest untouched.
 
         The variance tracks the squared deviation from the previous corrected mean (of
         ``spread`` where given, else of ``x``), so a first update yields variance 0 and
-        no spurious spread.
+        no spurious spread. ``mean_decay``: this step's decay of the mean, per channel
+        (the configured one when not given).
         """
         mean_prev, _ = self.moments()
         s = x if spread is None else spread
         dev = torch.where(self.count > 0, s - mean_prev, 0.0)
         b = self.decay
+        a = self.mean_decay if mean_decay is None else mean_decay
         # Masked-out channels may hold NaN/Inf in x: torch.where keeps them out of the state.
-        self.mean.copy_(torch.where(mask, b * self.mean + (1 - b) * x, self.mean))
+        self.mean.copy_(torch.where(mask, a * self.mean + (1 - a) * x, self.mean))
+        self.mean_weight.copy_(
+            torch.where(mask, a * self.mean_weight + (1 - a), self.mean_weight))
         self.var.copy_(torch.where(mask, b * self.var + (1 - b) * dev.square(), self.var))
         self.count.add_(mask.to(torch.int64))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone()}
+        return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone(),
+                "mean_weight": self.mean_weight.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("mean", "var", "count"):
+        if "mean_weight" not in state:  # saved before the weight was kept: a constant decay
+            count = torch.as_tensor(state["count"]).to(torch.float32)
+            state = {**state, "mean_weight": 1.0 - torch.pow(self.mean_decay, count)}
+        for name in ("mean", "var", "count", "mean_weight"):
             value = state[name]
             target = getattr(self, name)
             if value.shape != target.shape:
@@ -112,3 +133,100 @@ class RecentWindow:
                 "the state comes from a different model or window size"
             )
         self.values.copy_(values)
+
+
+class RunningQuantile:
+    """A running estimate of one upper quantile per channel (stochastic approximation).
+
+    Each update moves the estimate up by ``rate * q`` where the value lies above it and
+    down by ``rate * (1 - q)`` where it lies below, so it settles where a share ``1 - q``
+    of values lies above. The rate is ``1 / n`` for a channel's first updates (a plain
+    running quantile) and ``min_rate`` from then on (it keeps following the run).
+
+    Args:
+        size: number of channels.
+        q: the quantile (0-1).
+        start: the initial estimate (the quantile where the values are expected).
+        min_rate: the step size once ``1 / n`` has fallen below it.
+        device: where the state lives.
+    """
+
+    def __init__(self, size: int, q: float, start: float, min_rate: float,
+                 device: torch.device) -> None:
+        self.q = q
+        self.min_rate = min_rate
+        self.value = torch.full((size,), float(start), dtype=torch.float32, device=device)
+        self.count = torch.zeros(size, dtype=torch.int64, device=device)
+
+    def update(self, x: Tensor, mask: Tensor) -> None:
+        """Fold ``x`` into the channels where ``mask`` is true."""
+        count = self.count + mask.to(torch.int64)
+        rate = torch.clamp(1.0 / count.clamp_min(1).to(torch.float32), min=self.min_rate)
+        moved = self.value + rate * ((x > self.value).to(torch.float32) - (1.0 - self.q))
+        self.value.copy_(torch.where(mask, moved, self.value))
+        self.count.copy_(count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_same_shape(self, state, ("value", "count"), "running quantile")
+
+
+class Cusum:
+    """A one-sided CUSUM (Page's test) for a sustained rise of a standardised series.
+
+    ``S = max(0, S + min(z, cap) - slack)``: steps above ``slack`` deviations add up,
+    steps below drain it; ``cap`` keeps a single spike from crossing ``threshold`` on
+    its own. An alarm is raised once per episode, when ``S`` first exceeds
+    ``threshold``; the episode ends (and the test re-arms) when ``S`` is back at 0.
+    The episode's first step and the level at it are kept, to estimate where the rise
+    began and how fast it grows.
+
+    Args:
+        slack, cap, threshold: in deviations.
+        device: where the state lives.
+    """
+
+    def __init__(self, slack: float, cap: float, threshold: float, device: torch.device) -> None:
+        self.slack, self.cap, self.threshold = slack, cap, threshold
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.sum = zero.clone()
+        self.alarmed = torch.zeros((), dtype=torch.bool, device=device)
+        self.length = zero.clone()  # steps since the episode began (0: no episode)
+        self.base = zero.clone()  # the reference level when it began
+
+    def peek(self, z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sum, alarm)`` after ``z``, without changing the state: the new sum, and
+        whether it raises this episode's alarm (only where ``mask``)."""
+        total = torch.where(mask, (self.sum + z.clamp(max=self.cap) - self.slack).clamp_min(0.0),
+                            self.sum)
+        return total, mask & (total > self.threshold) & ~self.alarmed
+
+    def update(self, total: Tensor, alarm: Tensor, mask: Tensor, level: Tensor) -> None:
+        """Commit the sum from :meth:`peek`; ``level``: the reference level now (kept
+        as the episode's base where one begins)."""
+        begins = mask & (self.sum <= 0) & (total > 0)
+        self.base.copy_(torch.where(begins, level, self.base))
+        self.length.copy_(torch.where(total > 0, torch.where(mask, self.length + 1, self.length),
+                                      0.0))
+        self.alarmed.copy_((self.alarmed | alarm) & (total > 0))
+        self.sum.copy_(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).clone() for k in ("sum", "alarmed", "length", "base")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_same_shape(self, state, ("sum", "alarmed", "length", "base"), "drift test")
+
+
+def _load_same_shape(obj: Any, state: dict[str, Any], names: tuple[str, ...], what: str) -> None:
+    for name in names:
+        target = getattr(obj, name)
+        value = torch.as_tensor(state[name])
+        if value.shape != target.shape:
+            raise ValueError(
+                f"{what} '{name}' has shape {tuple(value.shape)}, expected "
+                f"{tuple(target.shape)}: the state comes from a different model"
+            )
+        target.copy_(value.to(target.device, target.dtype))

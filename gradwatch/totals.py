@@ -16,7 +16,7 @@ import numpy as np
 
 from .rows import ACTIONS, RowLayout
 
-EVENT_KINDS = ("explosion", "nonfinite", "amp_overflow")
+EVENT_KINDS = ("explosion", "drift", "nonfinite", "amp_overflow")
 
 
 @dataclass

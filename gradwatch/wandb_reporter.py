@@ -187,6 +187,7 @@ class WandbReporter(Reporter):
         wandb = require_wandb()
         titles = {
             "explosion": "gradient explosion",
+            "drift": "gradient norm rising",
             "nonfinite": "NaN/Inf gradients",
             "amp_overflow": "repeated AMP overflow",
         }

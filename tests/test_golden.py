@@ -270,7 +270,7 @@ def test_golden_covers_every_decision():
     steps = pd.read_parquet(GOLDEN / "steps.parquet")
     events = pd.read_parquet(GOLDEN / "events.parquet")
     assert set(steps["action"]) == {"none", "clip_norm", "clip_value", "skip"}
-    assert set(events["kind"]) == {"explosion", "nonfinite", "amp_overflow"}
+    assert set(events["kind"]) == {"explosion", "drift", "nonfinite", "amp_overflow"}
     assert set(steps["run"].str.split("/").str[0]) >= set(MODES)
     assert steps.groupby("run").size().eq(STEPS).all()
 

@@ -54,6 +54,7 @@ def test_steps_and_events(watched):
         "threshold": pytest.approx(steps.loc[40, "threshold"]),
         "action": "clip_norm",
         "explosion": True,
+        "drift": False,
         "nonfinite": False,
         "flagged_layers": ["2"],
     }

@@ -214,3 +214,22 @@ def test_histogram_steps_stay_sync_free():
     monitor.detach()
     run = wait_for_exit(reporter.run.settings.sync_file)
     assert sum("gradwatch/value_hist/4/values" in h for h in run.history) == 30
+
+
+def test_a_drift_is_alerted_and_logged():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    reporter = WandbReporter(hist_every=None, init_kwargs={"project": "gradwatch-tests"})
+    monitor = gradwatch.attach(model, opt, run_dir=False, log_every=20, wandb=reporter)
+    plan = {t: {"diffuse": dict.fromkeys(("0", "2", "4"), 1.06 ** (t - 99))}
+            for t in range(100, 140)}
+    _train(monitor, model, opt, 140, plan)
+    step = int(monitor.events().query("kind == 'drift'").step.iloc[0])
+    monitor.detach()
+    run = wait_for_exit(reporter.run.settings.sync_file)
+    drift = [a for a in run.alerts if "gradient norm rising" in a["title"]]
+    assert len(drift) == 1 and drift[0]["title"].endswith(f"at step {step}")
+    assert "rising x1." in drift[0]["text"] and "since step" in drift[0]["text"]
+    assert sum(h.get("gradwatch/drift", 0) for h in _gradwatch_rows(run)) == 1
+    assert run.summary["gradwatch/events/drift"] == 1

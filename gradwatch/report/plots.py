@@ -26,6 +26,7 @@ MAX_LINE_POINTS = 4000  # beyond this the global norm is drawn as a binned envel
 _LEFT, _RIGHT = 0.16, 0.86
 EVENT_STYLE = {  # kind: (marker, colour, label)
     "explosion": ("^", "#d62728", "explosion"),
+    "drift": (">", "#8c564b", "drift (sustained rise)"),
     "nonfinite": ("X", "#111111", "non-finite (NaN/Inf)"),
     "amp_overflow": ("v", "#ff7f0e", "AMP overflow"),
 }

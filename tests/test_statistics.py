@@ -1,0 +1,227 @@
+"""Statistics that follow the run: a level that keeps up with falling norms, thresholds
+calibrated to the run's own tail, a drift test for sustained rises, and step bounding
+only on evidence of instability."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradwatch
+from helpers import GradStream, mlp
+
+MODULES = ("0", "2", "4")
+
+
+def _run(optimizer, factor, steps, seed=0, **options):
+    """An MLP's monitor after ``steps`` steps of synthetic gradients multiplied by
+    ``factor(t)`` in every layer; ``optimizer``: its class (or None: attached without)."""
+    torch.manual_seed(seed)
+    model = mlp()
+    opt = optimizer(model.parameters(), lr=0.01) if optimizer is not None else None
+    monitor = gradwatch.attach(model, opt, run_dir=False, **options)
+    stream = GradStream(model, seed=seed, sigma=0.15)
+    for t in range(steps):
+        stream.write(diffuse=dict.fromkeys(MODULES, factor(t)))
+        monitor.step()
+    return monitor
+
+
+def _running_median(x, half=15):
+    return np.array([np.median(x[max(0, i - half): i + half + 1]) for i in range(len(x))])
+
+
+def _fall(t):
+    """The norm falls 300-fold between steps 25 and 100 (Adam finding its footing),
+    then keeps falling slowly."""
+    steep = 300.0 ** (-min(max(t - 25, 0), 75) / 75)
+    return steep * 0.999 ** max(t - 100, 0)
+
+
+def test_the_typical_level_follows_a_steep_fall():
+    steps = _run(torch.optim.Adam, _fall, 400).steps()
+    ratio = steps.typical_norm.to_numpy() / _running_median(steps.global_norm.to_numpy())
+    # From 50 steps after the fall on, within 1.5x of the running median.
+    assert np.abs(np.log(ratio[150:])).max() < math.log(1.5)
+    # The slow level (decay 0.98 for the mean as well) is still far above it.
+    slow = _run(torch.optim.Adam, _fall, 400, level_decay=0.98).steps()
+    assert (slow.typical_norm / slow.global_norm).iloc[150] > 2.0
+
+
+def test_a_spike_after_a_steep_fall_is_flagged():
+    spikes = (200, 260, 330)
+
+    def factor(t):
+        return _fall(t) * (10.0 if t in spikes else 1.0)
+
+    events = _run(torch.optim.Adam, factor, 400).events()
+    assert set(spikes) <= set(events.query("kind == 'explosion'").step)
+
+
+def _digits_run(seed, **options):
+    """A healthy run whose norms are heavy-tailed: an MLP on scikit-learn's digits (SGD
+    with momentum, a sane learning rate), whose loss nears zero, so most batches give
+    tiny gradients and a few hard ones large gradients (log-norm spread about 1.7)."""
+    pytest.importorskip("sklearn")
+    from gradwatch.demo import load_digits
+
+    x, y, _, _ = load_digits(normalise=True)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = gradwatch.attach(model, opt, run_dir=False, **options)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(650):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        monitor.step()
+        opt.step()
+    return monitor
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_thresholds_calibrated_to_a_heavy_tail_keep_false_alarms_rare(seed):
+    def per_1000(monitor):
+        return 1000 * int((monitor.events().step >= 50).sum()) / 600
+
+    calibrated = per_1000(_digits_run(seed))
+    fixed = per_1000(_digits_run(seed, calibrate=False))
+    assert calibrated <= 3.5
+    assert fixed >= 2 * calibrated + 3
+
+
+def test_a_spike_is_still_flagged_on_a_heavy_tailed_stream():
+    gen = np.random.default_rng(0)
+    logs = 0.3 * gen.standard_t(4, size=1200)
+    spikes = (400, 700, 1000)
+
+    def factor(t):
+        return float(np.exp(logs[t])) * (30.0 if t in spikes else 1.0)
+
+    events = _run(torch.optim.Adam, factor, 1100).events()
+    assert set(spikes) <= set(events.query("kind == 'explosion'").step)
+
+
+def _rise(start, growth, length=40):
+    return lambda t: growth ** min(max(t - start + 1, 0), length)
+
+
+@pytest.mark.parametrize("growth", [1.05, 1.08, 1.10])
+def test_a_sustained_rise_raises_one_drift_event_with_its_start_and_growth(growth):
+    monitor = _run(torch.optim.Adam, _rise(200, growth), 300)
+    events = monitor.events()
+    drift = events.query("kind == 'drift'")
+    assert len(drift) == 1
+    step = int(drift.step.iloc[0])
+    assert 200 <= step <= 215  # faster rises: explosions first, then the drift
+    reason = drift.reason.iloc[0]
+    import re
+
+    found = re.search(r"rising x([0-9.]+) per step since step (\d+)", reason)
+    assert found, reason
+    assert float(found.group(1)) == pytest.approx(growth, abs=0.04)
+    assert 190 <= int(found.group(2)) <= step
+    assert "learning rate too high" in reason
+    first = int(events.query("step >= 200").step.iloc[0])
+    assert first <= 207
+    # Without the drift test the rise is flagged no sooner, and never named as one.
+    plain = _run(torch.optim.Adam, _rise(200, growth), 300, drift_threshold=None)
+    later = plain.events().query("step >= 200").step
+    assert "drift" not in set(plain.events().kind)
+    assert later.empty or later.iloc[0] >= first
+
+
+def test_the_drift_test_rearms_after_a_rise_and_stays_quiet_on_a_flat_run():
+    def two_rises(t):
+        return _rise(150, 1.08, 30)(t) * _rise(450, 1.08, 30)(t)
+
+    events = _run(torch.optim.Adam, two_rises, 700).events()
+    drift = list(events.query("kind == 'drift'").step)
+    assert len(drift) == 2 and 150 <= drift[0] <= 180 and 450 <= drift[1] <= 480
+    # Each rise is flagged within a few steps (explosions first at 8 % a step).
+    assert not events.query("150 <= step < 158").empty
+    assert not events.query("450 <= step < 458").empty
+    flat = _run(torch.optim.Adam, lambda t: 1.0, 700).events()
+    assert "drift" not in set(flat.kind)
+
+
+def test_with_sgd_a_healthy_run_is_not_bounded_and_rarely_clipped():
+    steps = _run(torch.optim.SGD, lambda t: 1.0, 600).steps()
+    assert steps.bounding.mean() < 0.1
+    assert (steps.action != "none").mean() < 0.03
+
+
+def test_bounding_engages_on_instability_and_the_event_says_so():
+    gen = torch.Generator().manual_seed(0)
+    jumps = torch.exp(torch.empty(400).uniform_(0.7, 2.1, generator=gen)).tolist()
+
+    def factor(t):  # a learning rate too high for a while: 2-8x jumps on most steps
+        return jumps[t] if 100 <= t < 250 else 1.0
+
+    sgd = _run(torch.optim.SGD, factor, 400)
+    steps = sgd.steps().set_index("step")
+    assert not steps.loc[:99, "bounding"].any()
+    assert steps.loc[100:249, "bounding"].all()
+    first = sgd.events().query("step >= 100").iloc[0]
+    assert first.step == 100
+    assert "step bounding on for the next 100 steps" in first.reason
+    assert "SGD-type optimizer" in first.reason
+    # Bounded: clipped at about the typical norm while it lasts.
+    late = steps.loc[150:249]
+    assert (late.clipped_norm <= 2.0 * late.typical_norm * 1.0001).all()
+    # With Adam the step is never bounded, and no event says it is.
+    adam = _run(torch.optim.Adam, factor, 400)
+    assert not adam.steps().bounding.any()
+    assert not adam.events().reason.str.contains("step bounding").any()
+
+
+def test_drift_tail_and_alarm_clock_survive_a_resume():
+    factor = _rise(120, 1.08)
+
+    def run(resume_at=None):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        monitor = gradwatch.attach(model, opt, run_dir=False)
+        stream = GradStream(model, sigma=0.15)
+        for t in range(200):
+            if t == resume_at:
+                state = monitor.state_dict()
+                monitor.detach()
+                monitor = gradwatch.attach(model, opt, run_dir=False)
+                monitor.load_state_dict(state)
+            stream.write(diffuse=dict.fromkeys(MODULES, factor(t)))
+            monitor.step()
+        return monitor
+
+    straight, resumed = run(), run(resume_at=115)
+    after = resumed.steps().set_index("step")
+    assert after.index[0] == 115
+    assert after.equals(straight.steps().set_index("step").loc[after.index])
+    assert list(resumed.events().step) == list(straight.events().step)
+    assert "drift" in set(resumed.events().kind)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
+def test_the_advice_names_a_rise_that_lasts_and_leaves_a_passing_one_alone(optimizer):
+    from gradwatch.advice import drifts
+
+    lasting = _run(optimizer, _rise(200, 1.06, 60), 300).steps()
+    found = drifts(lasting)
+    assert found is not None and found.rule == "drift"
+    assert "rising x1.0" in found.title and "learning rate too high" in found.title
+    assert 190 <= found.evidence["rise_began"] <= 205
+    assert ("bounded the steps" in found.detail) == (optimizer is torch.optim.SGD)
+
+    def passing(t):  # up 3x over 20 steps, then back down: a stretch of hard batches
+        return _rise(200, 1.06, 20)(t) if t < 225 else 1.0
+
+    assert drifts(_run(optimizer, passing, 300).steps()) is None
+    assert drifts(_run(optimizer, lambda t: 1.0, 300).steps()) is None
