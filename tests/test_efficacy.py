@@ -32,6 +32,16 @@ def test_score_counts_hits_latency_and_false_alarms():
     assert faults.precision(entry) == pytest.approx(4 / 6)
 
 
+def test_the_blow_up_rows_time_the_flag_from_the_norm_s_own_rise():
+    start = faults.KINDS["lr_blowup"][0][0]
+    pre = [1.0] * start + [1.0] * 12 + [3.0] * 40 + [float("inf")] * 5
+    assert faults.rise_onset(pre, start) == 10  # its 5-step median: 3 of 5 steps raised
+    assert faults.rise_onset([1.0] * (start + 60), start) is None
+    run = {"pre": pre, "score": faults.score("lr_blowup", {start + 15})}
+    table = {"m": {"lr_blowup": [run, run]}}
+    assert faults.blowup_rows(table) == ["| m | 10.0 (2) | 15.0 | 5.0 |"]
+
+
 def test_action_cell_counts_the_actions_at_the_injected_steps():
     actions = ["none"] * faults.STEPS
     actions[200], actions[350] = "skip", "skip"
@@ -138,13 +148,17 @@ def test_plot_is_written_where_asked_and_nowhere_with_an_empty_one(tmp_path, mon
 
 def test_sensitivity_scores_spikes_alarms_harm_and_level(tmp_path, monkeypatch):
     # A short run of experiment 5 on one scenario: every table row is written, a ×30
-    # spike is flagged by both detectors, and the level metric reads the typical norm.
+    # spike is flagged by both detectors, the level metric reads the typical norm, and
+    # a growing norm is flagged.
     import sensitivity
 
     monkeypatch.setattr(sensitivity, "STEPS", 160)
     monkeypatch.setattr(sensitivity, "SPIKES", [110, 140])
     monkeypatch.setattr(sensitivity, "MAGNITUDES", (30.0,))
     monkeypatch.setattr(sensitivity, "LEVEL_FROM", 75)
+    monkeypatch.setattr(sensitivity, "DRIFT_FROM", 100)
+    monkeypatch.setattr(sensitivity, "DRIFT_SPAN", 30)
+    monkeypatch.setattr(sensitivity, "GROWTHS", (1.10,))
     data = sensitivity.load_data()
     res = sensitivity.run_scenario("mlp_sgd", sensitivity.SCENARIOS["mlp_sgd"], 1, data)
     for method in ("gradwatch", "zclip"):
@@ -153,4 +167,7 @@ def test_sensitivity_scores_spikes_alarms_harm_and_level(tmp_path, monkeypatch):
     assert 1.0 <= sensitivity.level_ratio(run) < 3.0
     page = sensitivity.report({"mlp_sgd": res}, held_out=False)
     assert "| mlp_sgd | gradwatch | 2/2 |" in page
-    assert page.count("| mlp_sgd |") == 4  # recall and clean rows, each method
+    assert page.count("| mlp_sgd |") == 6  # recall, clean and drift rows, each method
+    # The norm growing 10 % a step is flagged within 15 steps.
+    assert res["drift"][("gradwatch", "norm", 1.10)]["latency"] <= 15
+    assert "## Drift" in page

@@ -94,7 +94,7 @@ def run(data, spec, seed: int, kind: str | None, keep_monitor: bool = False) -> 
     else:  # the others only ever scale the whole gradient
         actions = ["clip_norm" if c else "none" for c in clipped]
     out = {"test_loss": test_loss, "accuracy": acc, "flagged": hook.flagged(),
-           "clipped": clipped, "actions": actions, "name": hook.name}
+           "clipped": clipped, "actions": actions, "name": hook.name, "pre": hook.pre}
     if hook.monitor is not None:
         hook.monitor.detach()
         if keep_monitor:
@@ -138,6 +138,38 @@ def action_cell(kind: str, runs: list[dict]) -> str:
         for step, _ in KINDS[kind]:
             counts[r["actions"][step]] = counts.get(r["actions"][step], 0) + 1
     return ", ".join(f"{a} {n}" for a, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def rise_onset(pre: list[float], start: int) -> int | None:
+    """Steps from ``start`` to where the norm itself began to rise: its 5-step median
+    above twice the median of the 50 steps before ``start`` (None: it did not)."""
+    before = statistics.median(pre[start - 50:start])
+    for t in range(start, min(len(pre), start + BLOWUP_LEN)):
+        window = [v if math.isfinite(v) else math.inf for v in pre[t:t + 5]]
+        if statistics.median(window) > 2 * before:
+            return t - start
+    return None
+
+
+def blowup_rows(table) -> list[str]:
+    """Per method: when the norm began to rise and when the method first flagged,
+    both in steps after the learning rate began to grow (means over the seeds)."""
+    start = KINDS["lr_blowup"][0][0]
+    rows = []
+    for name, entry in table.items():
+        onsets, flags, gaps = [], [], []
+        for r in entry["lr_blowup"]:
+            onset = rise_onset(r["pre"], start)
+            first = r["score"]["latency"][0] if r["score"]["latency"] else None
+            if onset is not None:
+                onsets.append(onset)
+            if first is not None:
+                flags.append(first)
+            if onset is not None and first is not None:
+                gaps.append(first - onset)
+        fmt = lambda v: f"{statistics.mean(v):.1f}" if v else "–"  # noqa: E731
+        rows.append(f"| {name} | {fmt(onsets)} ({len(onsets)}) | {fmt(flags)} | {fmt(gaps)} |")
+    return rows
 
 
 def mean(values) -> float:
@@ -253,6 +285,18 @@ def write(args, table) -> None:
                      + (f" | {prec:.2f}" if math.isfinite(prec) else " | –")
                      + f" | {false_alarms:.1f} | {100 * clipped:.1f}% | {acc:.3f} | "
                      f"{chance:.2f} |")
+    lines += [
+        "", "## The blow-up: the norm's rise and the first flag", "",
+        "Steps after the learning rate began to grow (mean over the seeds): when the "
+        "pre-clip norm itself began to rise in that method's run (its 5-step median "
+        "above twice the median of the 50 steps before; in brackets, the seeds where it "
+        "did within the blow-up), when the method first flagged, and the first flag "
+        "after the rise began (negative: before it). Until the norm moves, nothing in "
+        "the gradients tells a growing learning rate apart.", "",
+        "| method | norm began to rise | first flag | flag after the rise |",
+        "|---|---|---|---|",
+    ]
+    lines += blowup_rows(table)
     lines += [
         "", "## What each method did at the injected steps", "",
         f"Actions at the injected steps over the {args.seeds} seeds (three injections a "

@@ -19,6 +19,13 @@ with SGD.
   50, the share of steps clipped, and the final test loss against no clipping.
 * **Level:** gradwatch's typical norm against the centred 31-step running median of
   the actual norm, from step 75 (50 after warm-up) on.
+* **Drift** (seed 0): from step 300 on, either the loss is multiplied by ``g**k`` at
+  the k-th step (the gradient norm grows ``g`` a step, whatever the optimizer) or the
+  learning rate is multiplied by ``g`` every step, for ``g`` of 1.05, 1.08 and 1.10.
+  Latency: steps from the first grown step to the method's first flag (within 60).
+  A growing learning rate raises the norm only once the model leaves its stable
+  region, so its rows also give the step where the norm itself began to rise (its
+  5-step median above twice the median of the 50 steps before the growth).
 
 ZClip runs without its fixed ceiling (``max_grad_norm=None``); its flags are its z rule.
 
@@ -46,6 +53,10 @@ import methods as M  # noqa: E402
 STEPS = 1200
 SPIKES = [150 + 95 * i for i in range(11)]
 MAGNITUDES = (3.0, 5.0, 10.0, 30.0)
+DRIFT_FROM = 300  # the first grown step
+DRIFT_SPAN = 60  # steps watched after it
+GROWTHS = (1.05, 1.08, 1.10)
+DRIFT_KINDS = ("norm", "lr")
 SKIP_FIRST = 50  # false alarms are counted after the first steps
 LEVEL_FROM = 75  # 50 steps after gradwatch's warm-up
 
@@ -137,8 +148,10 @@ def load_data(seed: int = 0):
 
 
 def train(scenario: tuple[Callable, Callable, int], method: str, seed: int,
-          magnitude: float | None, data) -> dict:
-    """One run: per-step norms, flags and clips, the typical norm, the final loss."""
+          magnitude: float | None, data, drift: tuple[str, float] | None = None) -> dict:
+    """One run: per-step norms, flags and clips, the typical norm, the final loss.
+    ``drift``: ``("norm", g)`` or ``("lr", g)``, growth from ``DRIFT_FROM`` on (the run
+    then stops ``DRIFT_SPAN`` steps later)."""
     build, make_opt, batch = scenario
     x, y, xt, yt = data
     torch.manual_seed(seed)
@@ -148,11 +161,19 @@ def train(scenario: tuple[Callable, Callable, int], method: str, seed: int,
     hook = M.make(kind, model, opt, **opts)
     gen = torch.Generator().manual_seed(seed)
     spikes = set(SPIKES) if magnitude else set()
-    for step in range(STEPS):
+    steps = STEPS if drift is None else DRIFT_FROM + DRIFT_SPAN
+    for step in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         if step in spikes:
             loss = loss * magnitude
+        if drift is not None and step >= DRIFT_FROM:
+            kind, growth = drift
+            if kind == "norm":
+                loss = loss * growth ** (step - DRIFT_FROM + 1)
+            else:
+                for group in opt.param_groups:
+                    group["lr"] *= growth
         opt.zero_grad(set_to_none=True)
         loss.backward()
         hook(model)
@@ -177,8 +198,26 @@ def level_ratio(run: dict) -> float:
     return float(np.exp(np.abs(np.log(r)).max())) if len(r) else math.nan
 
 
+def drift_latency(run: dict) -> int | None:
+    """Steps from the first grown step to the first flag (None: none within the span)."""
+    flags = [s for s in run["flagged"] if DRIFT_FROM <= s < DRIFT_FROM + DRIFT_SPAN]
+    return min(flags) - DRIFT_FROM if flags else None
+
+
+def rise_onset(run: dict) -> int | None:
+    """Steps from the first grown step to where the norm itself began to rise: its
+    5-step median above twice the median of the 50 steps before (None: no rise)."""
+    pre = run["pre"]
+    before = np.median(pre[DRIFT_FROM - 50:DRIFT_FROM])
+    for t in range(DRIFT_FROM, len(pre)):
+        window = pre[t:t + 5]
+        if len(window) and np.median(np.where(np.isfinite(window), window, np.inf)) > 2 * before:
+            return t - DRIFT_FROM
+    return None
+
+
 def run_scenario(name: str, scenario, seeds: int, data) -> dict:
-    res: dict = {"clean": {}, "spikes": {}}
+    res: dict = {"clean": {}, "spikes": {}, "drift": {}}
     for method in METHODS:
         runs = [train(scenario, method, s, None, data) for s in range(seeds)]
         res["clean"][method] = runs
@@ -186,6 +225,12 @@ def run_scenario(name: str, scenario, seeds: int, data) -> dict:
         for method in ("gradwatch", "zclip"):
             run = train(scenario, method, 0, magnitude, data)
             res["spikes"][(method, magnitude)] = run
+    for kind in DRIFT_KINDS:
+        for growth in GROWTHS:
+            for method in ("gradwatch", "zclip"):
+                run = train(scenario, method, 0, None, data, drift=(kind, growth))
+                res["drift"][(method, kind, growth)] = {
+                    "latency": drift_latency(run), "onset": rise_onset(run)}
     print(f"{name}: done", flush=True)
     return res
 
@@ -218,6 +263,24 @@ def spike_rows(name: str, res: dict) -> list[str]:
     return rows
 
 
+def drift_rows(name: str, res: dict) -> list[str]:
+    rows = []
+    for method in ("gradwatch", "zclip"):
+        cells = []
+        for kind in DRIFT_KINDS:
+            for growth in GROWTHS:
+                r = res["drift"].get((method, kind, growth))
+                if r is None:
+                    cells.append("–")
+                    continue
+                cell = "–" if r["latency"] is None else str(r["latency"])
+                if kind == "lr":
+                    cell += " (rise " + ("–" if r["onset"] is None else str(r["onset"])) + ")"
+                cells.append(cell)
+        rows.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(results: dict, held_out: bool) -> str:
     which = "held-out" if held_out else "tuning"
     lines = [
@@ -242,6 +305,18 @@ def report(results: dict, held_out: bool) -> str:
     ]
     for name, res in results.items():
         lines += clean_rows(name, res)
+    lines += [
+        "", f"## Drift: steps from the first grown step (step {DRIFT_FROM}) to the first flag",
+        "", "Growth of the norm (the loss scaled up step by step) or of the learning rate, "
+        f"per step; – : no flag within {DRIFT_SPAN} steps. For the learning rate, "
+        "in brackets: when the norm itself began to rise (– : it did not; these "
+        "classifiers often collapse, their norm falling, instead).", "",
+        "| scenario | method | " + " | ".join(
+            f"{kind} ×{g:g}" for kind in DRIFT_KINDS for g in GROWTHS) + " |",
+        "|---|---|" + "---|" * (len(DRIFT_KINDS) * len(GROWTHS)),
+    ]
+    for name, res in results.items():
+        lines += drift_rows(name, res)
     return "\n".join(lines) + "\n"
 
 
