@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     seed, _, monitor = busiest
     events = monitor.events()
-    print(f"\nEvents of the gradwatch run with seed {seed} ({len(events)}; an event is a "
-          f"z-score above {monitor.config.z_threshold:g}):")
+    print(f"\nEvents of the gradwatch run with seed {seed} ({len(events)}; an explosion is "
+          f"a z-score above {monitor.config.z_threshold:g}, raised where the run's norms are "
+          "heavy-tailed; a drift, a sustained rise):")
     for ev in events.itertuples():
         print(f"  step {ev.step:4d} {ev.kind:11s} {ev.action:10s} layer {ev.layer}: {ev.reason}")
     steps = monitor.steps()

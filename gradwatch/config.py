@@ -75,7 +75,7 @@ class MonitorConfig:
     a drift event in the last 100 steps), where a steadily rising norm would otherwise
     drag its own threshold up. With an SGD-type optimizer (SGD, ASGD: a step
     proportional to the gradient) it applies throughout, and while the run is unstable
-    (an alarm, or crossings of this boundary in the last ~50 steps) the step is
+    (an explosion in the last 100 steps, or crossings of this boundary) the step is
     *bounded*: a model norm beyond the boundary does not move the typical level, which
     learns from the steps within it only, and at the spread's slower rate; so when
     most steps are beyond it (a learning rate too high for the run) the threshold holds
@@ -139,7 +139,8 @@ class MonitorConfig:
     value the monitor raises a ``drift`` event: a sustained rise (a learning rate too
     high or growing, an instability building up), once per episode, with the step
     where the rise began and its growth per step. It also counts as evidence of
-    instability (see ``crossing_rate``). ``None``: no drift test."""
+    instability for an adaptive optimizer's ``max_ratio`` cap (see ``max_ratio``).
+    ``None``: no drift test."""
 
     warmup_steps: int = 25
     """Steps of statistics a layer needs before it can be flagged or clipped by the

@@ -25,9 +25,11 @@ Why these estimators (measured in ``benchmarks/efficacy``, experiment 5):
   to a Gaussian's: a quantile that is estimated well within a few hundred steps.
 * **Drift.** A per-step z waits for one step to stand out; Page's CUSUM adds up
   moderate excesses, so a norm growing 5-10 % a step is flagged within about 10 steps.
-* **Bounding the step** (holding the level, the ``max_ratio`` cap after warm-up, and
-  ``auto``'s tightening) only on evidence of instability: an explosion or a drift in
-  the last 100 steps. A healthy run is then clipped only at its anomalies.
+* **Bounding the step** (holding the level and ``auto``'s tightening, with an SGD-type
+  optimizer only) only on evidence of instability: an explosion in the last 100 steps,
+  or crossings of the ``max_ratio`` boundary. A healthy run is then clipped only at its
+  anomalies. With an adaptive optimizer the ``max_ratio`` cap applies after an
+  explosion or a drift.
 """
 
 from __future__ import annotations
@@ -109,9 +111,10 @@ class Detection:
         drift: this step raised the drift test's alarm (0-dim).
         drift_steps: how many steps ago the rise began (0-dim).
         drift_growth: the model norm's estimated growth per step since then (0-dim).
-        alarm: an explosion or a drift at this step (0-dim).
-        bounding: the step is bounded at this step: an SGD-type optimizer and an alarm
-            in the last ``UNSTABLE_FOR`` steps (0-dim).
+        alarm: an alarm at this step (0-dim): an explosion, or with an adaptive
+            optimizer also a drift.
+        bounding: the step is bounded at this step: an SGD-type optimizer and an
+            explosion in the last ``UNSTABLE_FOR`` steps, or recent crossings (0-dim).
     """
 
     mean: Tensor
@@ -231,13 +234,17 @@ class Detector:
         tested = scored[0] & ~flagged.any() & (count[0] >= 2 * cfg.warmup_steps)
         drift, drift_sum, drift_steps, drift_growth = self._drift_test(
             (norm_z[0] - center[0]) / calibration[0], tested, x[0])
-        alarm = flagged.any() | drift
-        # Evidence of instability: an alarm now or in the last UNSTABLE_FOR steps; with
-        # an SGD-type optimizer in auto also crossings of the max_ratio boundary, until
-        # the tightness they raised has relaxed (about 50 steps after a single one).
-        # Bounding must start with the first crossings: where the learning rate is too
-        # high for the run, a level left to follow the first few dozen of them runs
-        # away (digits, normalised inputs: 0.85 accuracy instead of 0.92).
+        # Evidence of instability: an alarm now or in the last UNSTABLE_FOR steps. With
+        # an SGD-type optimizer the alarms are explosions only, and crossings of the
+        # max_ratio boundary count too (in auto, until the tightness they raised has
+        # relaxed: about 50 steps after a single one). A drift does not hold an SGD
+        # run's level: a norm rising as the model learns (an SGD MLP's rises fourfold)
+        # would keep every later step beyond a held level, and clipped; if the rise
+        # outruns the level, its crossings engage bounding. Bounding must start with
+        # the first crossings: where the learning rate is too high for the run, a level
+        # left to follow the first few dozen of them runs away (digits, normalised
+        # inputs: 0.85 accuracy instead of 0.92).
+        alarm = flagged.any() if self.holds else flagged.any() | drift
         unstable = alarm | (self.since_alarm < UNSTABLE_FOR)
         if self.tightens:
             unstable = unstable | (self.tightness > 0)
