@@ -2,8 +2,8 @@
 
 :class:`Detector` owns the running statistics of every channel (the model's log norm,
 each layer's log norm, log max |g| and log concentration): bias-corrected EMAs of the
-level and the spread, a running 95th percentile of every norm's z-scores (its tail, to
-which thresholds are calibrated), a CUSUM on the model's z for sustained rises (drift),
+level and the spread, the running median and 95th percentile of every norm's z-scores
+(its tail, to which thresholds are calibrated), a CUSUM on the model's z for sustained rises (drift),
 how many steps ago the last alarm was (evidence of instability), a window of recent
 log norms for quantiles, and in ``auto`` how far the model's clipping threshold is
 tightened by frequent crossings. Each step it :meth:`~Detector.score`\\ s a
@@ -170,8 +170,8 @@ class Detector:
         # The centre and the upper tail of every norm's z-scores: the running median and
         # 95th percentile. A level held by step bounding, or lagging, shifts them both;
         # the tail's width (their gap) is the shape the thresholds are calibrated to.
-        self.center = RunningQuantile(1 + n, 0.5, 0.0, _TAIL_RATE, device)
-        self.tail = RunningQuantile(1 + n, _TAIL_Q, _GAUSS_TAIL, _TAIL_RATE, device)
+        self.tail = RunningQuantile(1 + n, (0.5, _TAIL_Q), (0.0, _GAUSS_TAIL), _TAIL_RATE,
+                                    device)
         self.drift = (None if config.drift_threshold is None
                       else Cusum(DRIFT_SLACK, DRIFT_CAP, config.drift_threshold, device))
         # Steps since the last explosion or drift (inf: none yet).
@@ -194,6 +194,8 @@ class Detector:
         self._z_clip = torch.tensor([config.clip_z] + [self.layer_clip_z] * (3 * n),
                                     device=device)
         self._ones = torch.ones(2 * n, device=device)
+        self._ones_norm = torch.ones(1 + n, device=device)
+        self._zeros = torch.zeros(1 + n, device=device)
         self._level_decay = torch.full((3 * n,), config.level_decay, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -214,17 +216,15 @@ class Detector:
         # percentile is. Events are scored from that median: where the level is held
         # (step bounding) or lags, z-scores shift, and a step must stand out from the
         # steps of its time to be an explosion.
-        center = self.center.value
-        calibration = (
-            ((self.tail.value - center) / _GAUSS_TAIL).clamp_min(1.0) if cfg.calibrate
-            else torch.ones_like(self.tail.value)
-        )
+        if cfg.calibrate:
+            center, upper = self.tail.value
+            calibration = ((upper - center) / _GAUSS_TAIL).clamp_min(1.0)
+        else:
+            center, calibration = self._zeros, self._ones_norm
         # Two levels: beyond the event limit a step is an explosion (an event); beyond
         # clip_z (usually lower) the adaptive modes clip it back to that boundary.
         # Layer thresholds are raised for the number of layers (see family_z), so the
         # chance that a normal step is flagged does not grow with depth.
-        if not cfg.calibrate:
-            center = torch.zeros_like(center)
         event_limit = center + self._z_event * calibration
         flagged = norm_z > event_limit
         # Steps flagged as explosions are left out of the drift test: a spike is an
@@ -345,7 +345,6 @@ class Detector:
                 torch.where(armed[0] & update[0], tightened.clamp(0.0, 1.0), self.tightness)
             )
         if cfg.calibrate:
-            self.center.update(d.norm_z, d.scored[: n + 1])
             self.tail.update(d.norm_z, d.scored[: n + 1])
         if self.drift is not None:
             self.drift.update(d.drift_sum, d.drift, d.drift_tested, mean[0])
@@ -370,7 +369,6 @@ class Detector:
             "window": self.window.state_dict(),
             "tightness": self.tightness.clone(),
             "tail": self.tail.state_dict(),
-            "center": self.center.state_dict(),
             "drift": None if self.drift is None else self.drift.state_dict(),
             "since_alarm": self.since_alarm.clone(),
         }
@@ -389,8 +387,6 @@ class Detector:
         # Version 1 had no tail, drift test or alarm clock: they start afresh.
         if state.get("tail") is not None:
             self.tail.load_state_dict(state["tail"])
-        if state.get("center") is not None:
-            self.center.load_state_dict(state["center"])
         if state.get("drift") is not None and self.drift is not None:
             self.drift.load_state_dict(state["drift"])
         if "since_alarm" in state:

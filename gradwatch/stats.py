@@ -136,33 +136,35 @@ class RecentWindow:
 
 
 class RunningQuantile:
-    """A running estimate of one upper quantile per channel (stochastic approximation).
+    """Running estimates of a few quantiles per channel (stochastic approximation).
 
-    Each update moves the estimate up by ``rate * q`` where the value lies above it and
-    down by ``rate * (1 - q)`` where it lies below, so it settles where a share ``1 - q``
-    of values lies above. The rate is ``1 / n`` for a channel's first updates (a plain
-    running quantile) and ``min_rate`` from then on (it keeps following the run).
+    Each update moves the estimate of quantile ``q`` up by ``rate * q`` where the value
+    lies above it and down by ``rate * (1 - q)`` where it lies below, so it settles
+    where a share ``1 - q`` of values lies above. The rate is ``1 / n`` for a channel's
+    first updates (a plain running quantile) and ``min_rate`` from then on (it keeps
+    following the run). All quantiles are updated together, in one pass.
 
     Args:
         size: number of channels.
-        q: the quantile (0-1).
-        start: the initial estimate (the quantile where the values are expected).
+        qs: the quantiles (0-1); ``value[k]`` estimates ``qs[k]``.
+        starts: their initial estimates (where the values are expected).
         min_rate: the step size once ``1 / n`` has fallen below it.
         device: where the state lives.
     """
 
-    def __init__(self, size: int, q: float, start: float, min_rate: float,
-                 device: torch.device) -> None:
-        self.q = q
+    def __init__(self, size: int, qs: tuple[float, ...], starts: tuple[float, ...],
+                 min_rate: float, device: torch.device) -> None:
         self.min_rate = min_rate
-        self.value = torch.full((size,), float(start), dtype=torch.float32, device=device)
+        self._below = torch.tensor([[1.0 - q] for q in qs], device=device)
+        self.value = torch.tensor([[float(v)] * size for v in starts], dtype=torch.float32,
+                                  device=device)
         self.count = torch.zeros(size, dtype=torch.int64, device=device)
 
     def update(self, x: Tensor, mask: Tensor) -> None:
         """Fold ``x`` into the channels where ``mask`` is true."""
         count = self.count + mask.to(torch.int64)
         rate = torch.clamp(1.0 / count.clamp_min(1).to(torch.float32), min=self.min_rate)
-        moved = self.value + rate * ((x > self.value).to(torch.float32) - (1.0 - self.q))
+        moved = self.value + rate * ((x > self.value).to(torch.float32) - self._below)
         self.value.copy_(torch.where(mask, moved, self.value))
         self.count.copy_(count)
 

@@ -185,19 +185,23 @@ def test_bounding_engages_on_instability_and_the_event_says_so():
 
 
 def test_drift_tail_and_alarm_clock_survive_a_resume():
-    factor = _rise(120, 1.08)
+    # A spike at 100 starts the alarm clock (with SGD and no tightening, only it keeps
+    # the step bounded for the next 100 steps), a rise from 120 feeds the drift test;
+    # resumed at 115.
+    def factor(t):
+        return _rise(120, 1.08)(t) * (30.0 if t == 100 else 1.0)
 
     def run(resume_at=None):
         torch.manual_seed(0)
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        monitor = gradwatch.attach(model, opt, run_dir=False)
+        monitor = gradwatch.attach(model, opt, run_dir=False, crossing_rate=None)
         stream = GradStream(model, sigma=0.15)
         for t in range(200):
             if t == resume_at:
                 state = monitor.state_dict()
                 monitor.detach()
-                monitor = gradwatch.attach(model, opt, run_dir=False)
+                monitor = gradwatch.attach(model, opt, run_dir=False, crossing_rate=None)
                 monitor.load_state_dict(state)
             stream.write(diffuse=dict.fromkeys(MODULES, factor(t)))
             monitor.step()
@@ -209,6 +213,7 @@ def test_drift_tail_and_alarm_clock_survive_a_resume():
     assert after.equals(straight.steps().set_index("step").loc[after.index])
     assert list(resumed.events().step) == list(straight.events().step)
     assert "drift" in set(resumed.events().kind)
+    assert after.loc[115:199, "bounding"].all()
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
