@@ -131,7 +131,9 @@ class Reporter(Protocol):
 
     def start(self, run: RunInfo) -> None:
         """Called once, when the reporter is added. Raising here is a configuration
-        error: the monitor is not built."""
+        error: the monitor is not built. A failure that is no fault of the
+        configuration (a service that cannot be reached, a login that expired) should
+        warn and leave the reporter silent instead, as the W&B reporter does."""
 
     def report(self, chunk: Chunk) -> None:
         """Called every ``log_every`` steps (and on flush) with the new records."""

@@ -10,13 +10,22 @@ one, so passing ours would lose rows whenever the host logs too.
 Everything it sends was computed by the monitor and reached the host in the monitor's
 one transfer every ``log_every`` steps. Histograms are computed on the device at the
 steps they are due (no synchronisation) and travel in that same transfer.
+
+What is clear before the run starts is a configuration error and stops ``attach``: a
+bad option of the reporter, wandb not installed, ``init_kwargs`` that ``wandb.init``
+rejects (``TypeError``, ``ValueError``). A failure of W&B itself at start-up (network,
+authentication, an install that fails on import) is not: it warns once and the reporter
+stays silent, so training and the other reporters (the run record) go on, as they do
+when a W&B call fails later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -33,10 +42,16 @@ ALERT_KINDS = EVENT_KINDS
 _clock = time.monotonic  # alert rate limiting; a module attribute so tests can drive it
 
 
-def require_wandb():
-    """Import wandb, or raise ImportError with the install command."""
+def require_installed() -> None:
+    """Raise ImportError with the install command if wandb is not installed (without
+    importing it: an install that fails on import is a runtime failure, see start)."""
     if importlib.util.find_spec("wandb") is None:
         raise ImportError(f"gradwatch's W&B reporting needs the wandb package: {INSTALL}")
+
+
+def require_wandb():
+    """Import wandb, or raise ImportError with the install command."""
+    require_installed()
     import wandb
 
     return wandb
@@ -82,7 +97,7 @@ class WandbReporter(Reporter):
             raise ValueError(f"bins={bins!r} must be an integer in [2, 512] (W&B's limit)")
         if not alert_every >= 0:
             raise ValueError(f"alert_every={alert_every!r} must be >= 0 seconds")
-        require_wandb()
+        require_installed()
         self._run = run
         self._init_kwargs = dict(init_kwargs or {})
         self.prefix = prefix
@@ -100,15 +115,23 @@ class WandbReporter(Reporter):
         self._totals = RunTotals()
         self._alerts_sent = 0
         self._layer_names: tuple[str, ...] = ()
+        self._start_failed = False
 
     @property
     def probe_every(self) -> int | None:
-        """Histograms are computed on the device every ``hist_every`` steps."""
-        return self.hist_every
+        """Histograms are computed on the device every ``hist_every`` steps (never
+        after W&B failed to start: nobody would read them)."""
+        return None if self._start_failed else self.hist_every
 
     # ------------------------------------------------------------------ Reporter
     def start(self, run: RunInfo) -> None:
-        wandb = require_wandb()
+        """Open the W&B run (or reuse the active one) and declare the step metric.
+
+        Raises:
+            ValueError: ``value_hist_layers`` names a layer the monitor does not have,
+                or ``wandb.init`` rejects a value of ``init_kwargs``.
+            TypeError: ``wandb.init`` does not take a key of ``init_kwargs``.
+        """
         names = run.layer_names
         unknown = [n for n in self.value_hist_layers if n not in names]
         if unknown:  # before any run is started, so a bad option leaves nothing open
@@ -117,17 +140,50 @@ class WandbReporter(Reporter):
                 f"{unknown[0]!r}; the monitor's layers are {list(names)[:8]}"
             )
         self._layer_names = names
+        try:
+            import wandb  # installed (checked at construction), but may fail to load
+        except Exception as err:  # noqa: BLE001 - a broken install must not stop training
+            self._give_up("importing wandb", err)
+            return
         wandb_run = self._run if self._run is not None else wandb.run
         if wandb_run is None:
-            wandb_run = wandb.init(**self._init_kwargs)
+            try:
+                wandb_run = wandb.init(**self._init_kwargs)
+            except (TypeError, ValueError):
+                raise  # init_kwargs that wandb rejects: the user's to fix before a run
+            except Exception as err:  # noqa: BLE001 - network, authentication, ...
+                self._give_up("wandb.init", err)
+                return
             self._owns_run = True
-        self.run = wandb_run
         p = self.prefix
-        wandb_run.define_metric(f"{p}/step")
-        wandb_run.define_metric(f"{p}/*", step_metric=f"{p}/step")
-        wandb_run.config.update({p: run.config.to_dict()}, allow_val_change=True)
+        try:
+            wandb_run.define_metric(f"{p}/step")
+            wandb_run.define_metric(f"{p}/*", step_metric=f"{p}/step")
+            wandb_run.config.update({p: run.config.to_dict()}, allow_val_change=True)
+        except Exception as err:  # noqa: BLE001 - a run that W&B cannot use
+            if self._owns_run:
+                with contextlib.suppress(Exception):
+                    wandb_run.finish()
+            self._give_up("setting up the W&B run", err)
+            return
+        self.run = wandb_run
+
+    def _give_up(self, doing: str, err: Exception) -> None:
+        """W&B failed at start-up: warn once; report nothing from now on."""
+        self._start_failed = True
+        self._owns_run = False
+        cause = (str(err).strip().splitlines() or [""])[0]
+        warnings.warn(
+            f"gradwatch: W&B could not start ({doing} raised {type(err).__name__}: "
+            f"{cause}); this run is not reported to W&B. Training continues, and so do "
+            "the run record on disk and the other reporters.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def report(self, chunk: Chunk) -> None:
+        if self.run is None:  # W&B failed to start (warned once then)
+            return
         p = self.prefix
         counts = dict(self._totals.actions)
         for step, metrics in zip(chunk.steps, chunk.metrics(layer_norms=self.layer_norms)):

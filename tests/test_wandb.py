@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -162,6 +168,107 @@ def test_failing_wandb_warns_once_and_training_continues(tmp_path):
     from gradwatch.run_record import load_run
 
     assert len(load_run(tmp_path / "run").steps) == 40  # the local record is unaffected
+
+
+def _refused_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("cause", ["no_api_key", "server_unreachable"])
+def test_wandb_that_cannot_start_warns_once_and_training_and_the_record_go_on(
+    tmp_path, monkeypatch, cause
+):
+    # A real wandb.init failure: online mode against a local port nothing listens on,
+    # either with no API key (authentication) or with one (the network times out).
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    settings = wandb.Settings(base_url=f"http://127.0.0.1:{_refused_port()}", init_timeout=1,
+                              api_key="0" * 40 if cause == "server_unreachable" else None)
+    options = {"hist_every": 5, "init_kwargs": {"project": "gradwatch-tests", "mode": "online",
+                                                "settings": settings}}
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match=r"gradwatch: W&B could not start") as caught:
+        monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=10,
+                                   flush_every=10, wandb=options)
+    [warning] = [w for w in caught if "gradwatch" in str(w.message)]  # one warning
+    text = str(warning.message)
+    expected = {"no_api_key": "UsageError: No API key", "server_unreachable": "CommError"}
+    assert expected[cause] in text and "the run record" in text and "continue" in text
+    assert wandb.run is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing more: training steps, then detach
+        _train(monitor, model, opt, 30)
+        monitor.detach()
+    from gradwatch.run_record import load_run
+
+    record = load_run(tmp_path / "run")
+    assert list(record.steps.step) == list(range(30))
+    assert record.meta["status"] == "finished"
+
+
+BROKEN_INSTALL_RUN = textwrap.dedent(
+    """
+    import json, sys, warnings
+    sys.path[:0] = [{broken!r}, {tests!r}]  # the broken wandb is found first
+    import torch
+    import gradwatch
+    from helpers import GradStream, mlp
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = gradwatch.attach(model, opt, run_dir={run!r}, log_every=10, wandb=True)
+        stream = GradStream(model)
+        for _ in range(25):
+            stream.write()
+            monitor.step()
+            opt.step()
+        monitor.detach()
+    print(json.dumps([str(w.message) for w in caught if "gradwatch" in str(w.message)]))
+    """
+)
+
+
+def test_a_wandb_install_that_fails_on_import_warns_and_the_record_goes_on(tmp_path):
+    broken = tmp_path / "site" / "wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        'raise ImportError("libwandb_core.so: cannot open shared object file")\n')
+    run = tmp_path / "run"
+    script = BROKEN_INSTALL_RUN.format(broken=str(tmp_path / "site"), run=str(run),
+                                       tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    messages = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(messages) == 1, messages
+    assert "W&B could not start" in messages[0] and "libwandb_core.so" in messages[0]
+    from gradwatch.run_record import load_run
+
+    record = load_run(run)
+    assert list(record.steps.step) == list(range(25))
+    assert record.meta["status"] == "finished"
+
+
+def test_wandb_not_installed_is_a_configuration_error(monkeypatch):
+    # wandb=True asked for W&B explicitly: with no wandb at all, attach stops with the
+    # install command (None in sys.modules is how Python marks a module as absent).
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match=r'pip install "gradwatch\[wandb\]"'):
+        gradwatch.attach(mlp(), run_dir=False, wandb=True)
+
+
+def test_init_options_wandb_rejects_are_a_configuration_error():
+    with pytest.raises(TypeError, match=r"projcet"):
+        gradwatch.attach(mlp(), run_dir=False, wandb={"init_kwargs": {"projcet": "x"}})
+    with pytest.raises(ValueError, match=r"mode"):
+        gradwatch.attach(mlp(), run_dir=False, wandb={"init_kwargs": {"mode": "bogus"}})
+    assert wandb.run is None
 
 
 def test_bad_options_fail_at_construction():
