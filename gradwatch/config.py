@@ -1,15 +1,20 @@
 """Configuration of a :class:`~gradwatch.GradMonitor`.
 
 Every field is validated when the config is built, so a bad value fails before
-training starts, with a message that names the field, the value and the fix.
+training starts, with a message that names the field, the value and the fix. The
+config is frozen: a changed copy (``dataclasses.replace``, or options passed to
+``gradwatch.attach``) is built, and so validated, again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import numbers
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +24,76 @@ CLIP_MODES = ("auto", "norm", "value", "agc", "zscore", "percentile", "none")
 NORM_MODES = frozenset(("auto", "norm", "zscore", "percentile"))
 NONFINITE_MODES = ("skip", "zero")
 GRANULARITIES = ("module", "parameter")
+# Upper bounds of the fields that size a buffer on the device (see their docstrings).
+MAX_WINDOW = 100_000
+MAX_LOG_EVERY = 10_000
+# Fields that one clip mode alone reads: changed from their default under another
+# mode they do nothing, which is worth a warning (the user expected an effect).
+MODE_ONLY_FIELDS = {
+    "percentile": "percentile",
+    "clip_factor": "agc",
+    "agc_eps": "agc",
+    "concentration_z": "auto",
+    "crossing_rate": "auto",
+}
 
 
-@dataclass(kw_only=True)
+class UnknownFieldError(ValueError, TypeError):
+    """An option that is not a field of :class:`MonitorConfig`.
+
+    A ``ValueError`` like every other invalid option, and a ``TypeError`` like any
+    unexpected keyword argument, so code that catches either keeps working.
+    """
+
+
+def _strict_fields(cls: type) -> type:
+    """Give a frozen dataclass messages with a fix: an unknown keyword gets a "did you
+    mean", an assignment after construction says how to build a changed copy."""
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in kwargs.items():
+            if key not in names:
+                raise UnknownFieldError(
+                    f"{key}={value!r} is not a {cls.__name__} field{_suggest(key, names)}; "
+                    f"valid fields are {', '.join(names)}"
+                )
+        dataclass_init(self, *args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in names:
+            raise dataclasses.FrozenInstanceError(
+                f"{name}={value!r}: {cls.__name__} has no field {name!r}"
+                f"{_suggest(name, names)} and is frozen"
+            )
+        raise dataclasses.FrozenInstanceError(
+            f"{name}={value!r}: a {cls.__name__} is frozen (it was validated when built); "
+            f"build a changed copy with dataclasses.replace(config, {name}={value!r}), or "
+            f"pass {name}={value!r} to gradwatch.attach"
+        )
+
+    # A frozen dataclass may not define these in its body; they replace the generated
+    # ones here, keeping the generated signature (functools.wraps) for help() and IDEs.
+    cls.__init__ = __init__
+    cls.__setattr__ = __setattr__
+    return cls
+
+
+@_strict_fields
+@dataclass(kw_only=True, frozen=True)
 class MonitorConfig:
     """What the monitor measures, how it detects explosions and how it clips.
 
     Read the README's "Clipping modes" section for when each ``clip`` mode is the
-    right one.
+    right one. Numbers may be any real (or, for counts, integral) type, numpy scalars
+    included; they are stored as Python ``float`` and ``int``. The config is frozen:
+    ``dataclasses.replace(config, field=value)`` builds a changed, validated copy.
+
+    Raises:
+        ValueError: a field is invalid, or contradicts another (the message names it,
+            its value and the fix); :class:`UnknownFieldError` for an unknown field.
     """
 
     clip: str = "auto"
@@ -39,7 +106,8 @@ class MonitorConfig:
     during warm-up."""
 
     clip_value: float | None = None
-    """Fixed element threshold, required by ``clip="value"``."""
+    """Fixed element threshold, required by ``clip="value"`` and refused by the other
+    modes (``auto`` derives its own value thresholds)."""
 
     clip_factor: float = 0.01
     """``clip="agc"``: a unit's gradient norm may be at most this fraction of the
@@ -151,7 +219,10 @@ class MonitorConfig:
     layer is not flagged for a ten percent wobble."""
 
     window: int = 128
-    """Number of recent steps kept per layer for quantiles."""
+    """Number of recent steps kept per layer for quantiles. At most 100,000, far more
+    than a quantile of recent steps needs: the window is ``window`` float32 values per
+    layer on the device (400 KB per layer at the bound), and ``clip="percentile"``
+    sorts the model's row every step."""
 
     nonfinite: str = "skip"
     """What to do with a step whose gradients hold NaN or Inf. ``"skip"``: the
@@ -177,7 +248,9 @@ class MonitorConfig:
 
     log_every: int = 50
     """Per-step values are buffered on the device and copied to the host in one
-    transfer every ``log_every`` steps."""
+    transfer every ``log_every`` steps. At most 10,000: the buffer holds ``log_every``
+    rows of about 12 float32 values per layer on the device (480 KB per layer at the
+    bound), and events reach the reporters up to ``log_every`` steps late."""
 
     flush_every: int = 200
     """The run record (``attach(run_dir=...)``) writes a Parquet part to disk once this
@@ -188,13 +261,51 @@ class MonitorConfig:
     ``None`` keeps everything."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.group_prefixes, (list, str)):
-            self.group_prefixes = (
-                (self.group_prefixes,)
-                if isinstance(self.group_prefixes, str)
-                else tuple(self.group_prefixes)
-            )
+        prefixes = self.group_prefixes
+        if isinstance(prefixes, str):
+            object.__setattr__(self, "group_prefixes", (prefixes,))
+        elif isinstance(prefixes, (list, set, frozenset)):
+            # A set's order varies between processes; the longest prefix wins anyway.
+            if isinstance(prefixes, (set, frozenset)):
+                prefixes = sorted(prefixes, key=str)
+            object.__setattr__(self, "group_prefixes", tuple(prefixes))
+        # Validated as given, so a message echoes the value the user passed.
         self.validate()
+        self._store_plain_types()
+        self._warn_unused()
+
+    def _store_plain_types(self) -> None:
+        """Numpy (or other) numbers become ``float``/``int``, ``str`` subclasses ``str``,
+        so nothing downstream (the device code, ``to_dict``, W&B) sees another type."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, bool):
+                continue
+            kind = f.type.split(" ")[0]  # the annotation as written: "float | None"
+            if kind == "float":
+                object.__setattr__(self, f.name, float(value))
+            elif kind == "int":
+                object.__setattr__(self, f.name, int(value))
+            elif kind == "str":
+                object.__setattr__(self, f.name, str(value))
+            elif f.name == "group_prefixes":
+                object.__setattr__(self, f.name, tuple(str(p) for p in value))
+
+    def _warn_unused(self) -> None:
+        """Warn about a field changed from its default that this clip mode never reads."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, mode in MODE_ONLY_FIELDS.items():
+            value = getattr(self, name)
+            if self.clip != mode and value != defaults[name]:
+                # stacklevel 5: the caller of MonitorConfig(...), past this method,
+                # __post_init__, the dataclass __init__ and its checking wrapper.
+                warnings.warn(
+                    f"gradwatch: {name}={value!r} has no effect with clip={self.clip!r}: "
+                    f"only clip={mode!r} reads it; pass clip={mode!r}, or leave {name} "
+                    f"at its default ({defaults[name]!r})",
+                    UserWarning,
+                    stacklevel=5,
+                )
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -266,8 +377,12 @@ class MonitorConfig:
             )
         _integer("warmup_steps", self.warmup_steps, minimum=1)
         _positive("min_std", self.min_std)
-        _integer("window", self.window, minimum=2)
-        _integer("log_every", self.log_every, minimum=1)
+        _integer("window", self.window, minimum=2, maximum=MAX_WINDOW,
+                 why="the window keeps that many float32 values per layer on the device",
+                 default=128)
+        _integer("log_every", self.log_every, minimum=1, maximum=MAX_LOG_EVERY,
+                 why="the monitor buffers that many rows (about 12 float32 values per "
+                     "layer each) on the device", default=50)
         _integer("flush_every", self.flush_every, minimum=1)
         if self.history_limit is not None:
             _integer("history_limit", self.history_limit, minimum=1)
@@ -283,6 +398,12 @@ class MonitorConfig:
                 f"max_norm={self.max_norm!r} has no effect with clip={self.clip!r}; use "
                 "clip='norm' for a fixed norm threshold (or 'auto', 'zscore', 'percentile' "
                 "with max_norm as a ceiling), or leave max_norm=None"
+            )
+        if self.clip_value is not None and self.clip != "value":
+            raise ValueError(
+                f"clip_value={self.clip_value!r} has no effect with clip={self.clip!r}: only "
+                "clip='value' clips by a fixed element threshold ('auto' derives its own per "
+                "layer); use clip='value', or leave clip_value=None"
             )
 
     def _validate_grouping(self) -> None:
@@ -304,8 +425,9 @@ class MonitorConfig:
         if self.group_depth is not None:
             _integer("group_depth", self.group_depth, minimum=1)
         if self.group_prefixes is not None:
-            if not self.group_prefixes or not all(
-                isinstance(p, str) and p for p in self.group_prefixes
+            prefixes = self.group_prefixes
+            if not isinstance(prefixes, (tuple, list)) or not prefixes or not all(
+                isinstance(p, str) and p for p in prefixes
             ):
                 raise ValueError(
                     f"group_prefixes={self.group_prefixes!r} must be a non-empty sequence "
@@ -331,11 +453,14 @@ class MonitorConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MonitorConfig:
         """Build a config from :meth:`to_dict` output (unknown keys raise)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(values) - set(names))
         if unknown:
-            raise ValueError(
-                f"unknown MonitorConfig field(s) {unknown}; valid fields are {sorted(names)}"
+            close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            pairs = [f"{c[0]!r} for {k!r}" for k, c in close.items() if c]
+            hints = f" (did you mean {', '.join(pairs)}?)" if pairs else ""
+            raise UnknownFieldError(
+                f"unknown MonitorConfig field(s) {unknown}{hints}; valid fields are {names}"
             )
         return cls(**values)
 
@@ -345,8 +470,15 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
 
 
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real covers numpy's floats and ints; bool (and numpy's bool_) are not
+    # numbers here.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _positive(name: str, value: Any) -> None:
@@ -374,9 +506,22 @@ def _in_range(
         raise ValueError(f"{name}={value!r} must be in {lo}{low:g}, {high:g}{hi}")
 
 
-def _integer(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def _integer(
+    name: str,
+    value: Any,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    why: str = "",
+    default: int | None = None,
+) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(
+            f"{name}={value!r} is too large: {why}; pass an integer in [{minimum}, "
+            f"{maximum}] ({default} by default)"
+        )
 
 
 def resolve_config(config: MonitorConfig | None, overrides: dict[str, Any]) -> MonitorConfig:
@@ -393,13 +538,11 @@ def resolve_config(config: MonitorConfig | None, overrides: dict[str, Any]) -> M
         )
     if not overrides:
         return config or MonitorConfig()
-    fields = {f.name for f in dataclasses.fields(MonitorConfig)}
+    fields = sorted(f.name for f in dataclasses.fields(MonitorConfig))
     for key in overrides:
         if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"{key}={overrides[key]!r} is not a gradwatch option{hint}; valid options "
-                f"are the fields of MonitorConfig: {', '.join(sorted(fields))}"
+            raise UnknownFieldError(
+                f"{key}={overrides[key]!r} is not a gradwatch option{_suggest(key, fields)}; "
+                f"valid options are the fields of MonitorConfig: {', '.join(fields)}"
             )
     return dataclasses.replace(config or MonitorConfig(), **overrides)

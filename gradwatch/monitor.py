@@ -89,6 +89,7 @@ class GradMonitor:
     ) -> None:
         _check_types(model, optimizer)
         self.config = cfg = config if config is not None else MonitorConfig()
+        cfg.validate()  # again: a config forced past its frozen fields fails here, not in step()
         self._ddp = model if dist_utils.is_ddp(model) else None
         model = dist_utils.unwrap(model)  # DDP: the same gradients, the model's own names
         self.model = model
