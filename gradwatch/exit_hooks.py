@@ -6,17 +6,25 @@ exception that is ending the program, if one is, so a run record closed then say
 the program crashed instead of finished, and holds every step even when the monitor
 itself went out of scope (a training function that returned, a notebook cell run
 again).
+
+The callbacks belong to the process that registered them. A child made with
+``os.fork()`` inherits the table and the atexit hook, yet must never flush or close its
+parent's records (the parent is still writing them): the table is emptied in the child
+at the fork, and the hook does nothing in any process other than the one that
+registered them (for a fork that bypasses ``os.fork``'s hooks).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-# key -> callback(error); insertion-ordered, so callbacks run in registration order.
-_callbacks: dict[int, tuple[Any, Callable[[str | None], None]]] = {}
+# key -> (pid of the registering process, owner, callback(error)); insertion-ordered,
+# so callbacks run in registration order.
+_callbacks: dict[int, tuple[int, Any, Callable[[str | None], None]]] = {}
 # The type of the uncaught exception that is ending the program, if one is (recorded
 # by the excepthook below, which runs before the exit hooks).
 _uncaught: str | None = None
@@ -30,7 +38,7 @@ def register(owner: Any, callback: Callable[[str | None], None]) -> None:
     after everything registered since (atexit runs the last-registered hook first),
     so its flush runs before the exit hooks of what the reporters started (W&B's).
     """
-    _callbacks[id(owner)] = (owner, callback)
+    _callbacks[id(owner)] = (os.getpid(), owner, callback)
     _install_excepthook()
     atexit.unregister(_run)
     atexit.register(_run)
@@ -41,7 +49,10 @@ def unregister(owner: Any) -> None:
 
 
 def _run() -> None:
-    for _, callback in list(_callbacks.values()):
+    pid = os.getpid()
+    for owner_pid, _, callback in list(_callbacks.values()):
+        if owner_pid != pid:  # a forked child: the records are its parent's
+            continue
         try:
             callback(_uncaught)
         except Exception:  # noqa: BLE001 - exiting: never raise from atexit
@@ -62,3 +73,14 @@ def _install_excepthook() -> None:
 
     sys.excepthook = hook
     _excepthook_installed = True
+
+
+def _forget_in_child() -> None:
+    """In a forked child: drop the parent's callbacks (and its uncaught exception)."""
+    global _uncaught
+    _callbacks.clear()
+    _uncaught = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_in_child)
