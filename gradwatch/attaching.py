@@ -6,6 +6,7 @@ light and the monitor knows them only through :mod:`gradwatch.reporters`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -63,11 +64,6 @@ def attach(
         # Under torch.distributed every rank measures and decides alike; only global
         # rank 0 keeps the run record and reports to W&B.
         run_dir = wandb = False
-    if run_dir:
-        from .run_record import RunRecorder, default_run_dir
-
-        path = default_run_dir() if run_dir is True else run_dir
-        all_reporters.insert(0, RunRecorder(path, flush_every=config.flush_every))
     if wandb is not False and wandb is not None:
         from .wandb_reporter import WandbReporter
 
@@ -76,5 +72,22 @@ def attach(
         elif isinstance(wandb, dict):
             wandb = WandbReporter(**wandb)
         all_reporters.append(wandb)
-    return GradMonitor(model, optimizer, scaler=scaler, config=config, reporters=all_reporters,
-                       process_group=process_group)
+    created = None
+    if run_dir:
+        from .run_record import RunRecorder, default_run_dir
+
+        # A default directory is created here, atomically, so that processes started
+        # in the same second each get their own.
+        if run_dir is True:
+            path = created = default_run_dir()
+        else:
+            path = run_dir
+        all_reporters.insert(0, RunRecorder(path, flush_every=config.flush_every))
+    try:
+        return GradMonitor(model, optimizer, scaler=scaler, config=config,
+                           reporters=all_reporters, process_group=process_group)
+    except BaseException:
+        if created is not None:  # leave no empty directory behind (rmdir keeps a full one)
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        raise

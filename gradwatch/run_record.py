@@ -8,13 +8,17 @@ Layout of a run directory::
     layers/part-<session>-<first step>.parquet   one row per (step, layer)
     events/part-<session>-<first step>.parquet   one row per event
 
-``meta.json`` is written when recording starts, so the layer table and config are on
-disk before the first step. Parts are written every ``flush_every`` steps and on exit,
-each to a temporary name first and then renamed: a process killed at any moment
-(SIGKILL included) leaves every part either complete or absent, never truncated.
+``meta.json`` is written when recording starts into a new directory, so the layer table
+and config are on disk before the first step. Parts are written every ``flush_every``
+steps and on exit, each to a temporary name first and then renamed: a process killed at
+any moment (SIGKILL included) leaves every part either complete or absent, never
+truncated.
 
 A resumed run (a monitor restored with ``load_state_dict``) recording into the same
-directory adds a session; steps it records again replace the earlier ones on load.
+directory adds a session; steps it records again replace the earlier ones on load. A
+directory that already holds a record is written to only by such a run: whether the
+monitor resumes is known once a state is loaded or its first records arrive, and until
+then nothing is written there. A fresh run is refused (:class:`RunDirError`).
 """
 
 from __future__ import annotations
@@ -44,14 +48,29 @@ class RunDirError(ValueError):
     """A run directory is missing, truncated, or not a gradwatch run."""
 
 
-def default_run_dir() -> Path:
-    """A new ``./gradwatch_runs/run-<date>-<time>[-<n>]`` that does not exist yet."""
-    base = Path("gradwatch_runs") / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+def default_run_dir(root: str | os.PathLike[str] = "gradwatch_runs") -> Path:
+    """Create a new, empty ``<root>/run-<date>-<time>[-<n>]`` and return it.
+
+    The name is claimed by ``os.mkdir``, which fails if the directory exists: processes
+    starting in the same second each get their own directory (checking ``exists()``
+    first and creating later would give several the same one).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = _timestamp()
+    n = 1
+    while True:
+        path = root / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            n += 1
+            continue
+        return path
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -72,7 +91,8 @@ class RunRecorder(Reporter):
     """Writes a monitor's records into a run directory as Parquet parts.
 
     Args:
-        run_dir: the directory (created if missing).
+        run_dir: the directory (created if missing). One that already holds a record
+            is continued only by a resumed run (see the module's docstring).
         flush_every: write a part once this many steps are buffered. The monitor
             hands records over every ``log_every`` steps, so parts hold a multiple of
             that.
@@ -88,55 +108,85 @@ class RunRecorder(Reporter):
         self._chunks: list[Chunk] = []
         self._buffered = 0
         self._meta: dict[str, Any] = {}
+        self._config: dict[str, Any] = {}
+        # The directory holds a record and this run has not said yet whether it resumes
+        # it: nothing is written until it does (resumed) or its records arrive (refused).
+        self._undecided = False
+        self._refused: str | None = None
 
     # ------------------------------------------------------------------ Reporter
     def start(self, run: RunInfo) -> None:
-        for table in TABLES:
-            (self.run_dir / table).mkdir(parents=True, exist_ok=True)
-        meta_path = self.run_dir / "meta.json"
-        layers = run.layers
-        if meta_path.exists():
+        self._config = run.config.to_dict()
+        if (self.run_dir / "meta.json").exists():
             meta = read_meta(self.run_dir)
-            if [rec["layer"] for rec in meta["layers"]] != [rec["layer"] for rec in layers]:
+            if [rec["layer"] for rec in meta["layers"]] != [rec["layer"] for rec in run.layers]:
                 raise RunDirError(
                     f"{self.run_dir} holds the record of a model with other layers; record "
                     "into a new directory (run_dir=...)"
                 )
-        else:
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "gradwatch_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "config": run.config.to_dict(),
-                "layers": layers,
-                "layer_z_threshold": run.layer_z_threshold,
-                "layer_clip_z": run.layer_clip_z,
-                "sessions": [],
-            }
-        meta["sessions"].append({"id": self.session, "first_step": run.first_step,
+            # The state is loaded after attach: a resume is known only later.
+            self._undecided = True
+            return
+        self._open({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "gradwatch_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": self._config,
+            "layers": run.layers,
+            "layer_z_threshold": run.layer_z_threshold,
+            "layer_clip_z": run.layer_clip_z,
+            "sessions": [],
+        }, run.first_step)
+
+    def _open(self, meta: dict[str, Any], first_step: int) -> None:
+        """Add this session to ``meta`` and write it: from here on the run records."""
+        for table in TABLES:
+            (self.run_dir / table).mkdir(parents=True, exist_ok=True)
+        meta["sessions"].append({"id": self.session, "first_step": first_step,
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "config": run.config.to_dict()})
+                                 "config": self._config})
         meta["status"] = "running"
         meta.pop("error", None)  # a crash of an earlier session
-        meta["last_step"] = run.first_step - 1
+        meta["last_step"] = first_step - 1
         self._meta = meta
-        _write_json_atomic(meta_path, meta)
+        _write_json_atomic(self.run_dir / "meta.json", meta)
 
     def resumed(self, step: int) -> None:
         """The monitor was restored from a checkpoint: this session starts at its step,
         and on load its records replace anything recorded from that step on."""
+        if self._refused is not None:
+            return
+        if self._undecided:  # continue the record already there
+            self._undecided = False
+            self._open(read_meta(self.run_dir), step)
+            return
         self._meta["sessions"][-1]["first_step"] = step
         self._meta["last_step"] = step - 1
         _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
+    def _refuse(self) -> None:
+        self._undecided = False
+        self._refused = (
+            f"{self.run_dir} already holds the record of another run, and this run did not "
+            "resume it (no monitor.load_state_dict before its first step), so nothing of "
+            "this run is recorded there; record into a new directory (run_dir=<a new "
+            "path>) or let gradwatch make one (run_dir=True)"
+        )
+
     def report(self, chunk: Chunk) -> None:
+        if self._undecided:  # records, and no state was loaded: a fresh run
+            self._refuse()
+        if self._refused is not None:
+            raise RunDirError(self._refused)
         self._chunks.append(chunk)
         self._buffered += len(chunk.steps)
         if self._buffered >= self.flush_every:
             self._write()
 
     def close(self, error: str | None) -> None:
+        if self._undecided or self._refused is not None:
+            return  # nothing of this run was written: leave the other run's record as it is
         self._write()
         self._meta["status"] = "crashed" if error else "finished"
         if error:

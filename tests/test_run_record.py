@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pandas as pd
@@ -16,6 +19,7 @@ import torch
 from helpers import GradStream, mlp
 
 import gradwatch
+from gradwatch import run_record
 from gradwatch.run_record import RunDirError, load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +83,159 @@ def test_default_run_dir_is_new_each_time():
     assert os.path.basename(os.path.dirname(first.run_dir)) == "gradwatch_runs"
     assert os.path.isabs(first.run_dir)
     assert gradwatch.attach(mlp(), run_dir=False).run_dir is None
+
+
+def _claim_default_dirs(barrier, queue, calls):
+    barrier.wait()  # all processes start claiming together
+    queue.put([str(run_record.default_run_dir()) for _ in range(calls)])
+
+
+def test_default_run_dirs_of_concurrent_processes_are_distinct(monkeypatch):
+    # The clock is frozen, so every process asks for the same name at the same time:
+    # only an atomic claim (mkdir failing on an existing directory) keeps them apart.
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20260101-000000"
+                        if fmt == "%Y%m%d-%H%M%S" else real(fmt, *args))
+    ctx = multiprocessing.get_context("fork")  # the children inherit the frozen clock
+    n_procs, calls = 6, 4
+    barrier, queue = ctx.Barrier(n_procs), ctx.Queue()
+    procs = [ctx.Process(target=_claim_default_dirs, args=(barrier, queue, calls))
+             for _ in range(n_procs)]
+    for proc in procs:
+        proc.start()
+    paths = [path for _ in procs for path in queue.get(timeout=60)]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert len(set(paths)) == n_procs * calls
+    assert all(os.path.isdir(path) and not os.listdir(path) for path in paths)
+    assert {os.path.basename(path) for path in paths} == {
+        "run-20260101-000000", *(f"run-20260101-000000-{n}" for n in range(2, 25))}
+
+
+CONCURRENT_RUN = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    sys.path.insert(0, {tests!r})
+    import gradwatch
+    from helpers import GradStream, mlp
+    real = time.strftime
+    time.strftime = lambda fmt, *a: "20260101-000000" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *a)
+    from gradwatch.run_record import RunRecorder
+    start = RunRecorder.start
+    def slow_start(self, run):  # a slow disk: the others choose a directory meanwhile
+        time.sleep(0.3)
+        start(self, run)
+    RunRecorder.start = slow_start
+    torch.manual_seed({seed})
+    model = mlp()
+    open({go!r} + ".ready{seed}", "w").close()
+    while not os.path.exists({go!r}):  # start together
+        time.sleep(0.001)
+    monitor = gradwatch.attach(model, log_every=5, flush_every=5)
+    stream = GradStream(model, seed={seed})
+    for _ in range(20):
+        stream.write()
+        monitor.step()
+    monitor.detach()
+    print(monitor.run_dir, float(monitor.steps().global_norm.sum()))
+    """
+)
+
+
+@pytest.mark.slow
+def test_runs_attached_in_the_same_second_keep_their_own_records(tmp_path):
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_RUN.format(
+                tests=os.path.join(ROOT, "tests"), seed=seed, go=str(go))],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in range(3)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
+    runs = [out.split() for out, _ in outputs]
+    assert len({run_dir for run_dir, _ in runs}) == 3
+    for run_dir, norm_sum in runs:
+        run = load_run(run_dir)
+        assert list(run.steps.step) == list(range(20)) and len(run.meta["sessions"]) == 1
+        assert float(run.steps.global_norm.sum()) == pytest.approx(float(norm_sum))
+
+
+def _snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+class _Keep:
+    def __init__(self):
+        self.chunks = []
+
+    def start(self, run):
+        pass
+
+    def report(self, chunk):
+        self.chunks.append(chunk)
+
+    def close(self, error):
+        pass
+
+
+def test_fresh_run_into_the_directory_of_another_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    first = gradwatch.attach(model, opt, run_dir=run, log_every=10, flush_every=20)
+    _train(first, model, opt, 40)
+    first.detach()
+    before = _snapshot(run)
+
+    keep = _Keep()
+    second = gradwatch.attach(model, opt, run_dir=run, reporters=[keep], log_every=10,
+                              flush_every=20)
+    assert _snapshot(run) == before  # nothing written before the run says it resumes
+    refused = (rf"{re.escape(str(run))} already holds the record of another run, and this "
+               r"run did not resume it \(no monitor.load_state_dict before its first "
+               r"step\).*record into a new directory \(run_dir=<a new path>\) or let "
+               r"gradwatch make one \(run_dir=True\)")
+    with pytest.warns(UserWarning, match=r"RunRecorder.report failed \(RunDirError: " + refused):
+        _train(second, model, opt, 30)
+    second.detach()
+    assert _snapshot(run) == before  # the other run's record is untouched
+    assert list(load_run(run).steps.step) == list(range(40))
+    recorder = run_record.RunRecorder(run)
+    third = gradwatch.attach(model, opt, run_dir=False, reporters=[recorder])
+    with pytest.raises(RunDirError, match=refused):
+        recorder.report(keep.chunks[0])
+    third.detach()
+    assert _snapshot(run) == before
+
+
+def test_the_directory_of_a_run_is_written_once_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    first = gradwatch.attach(model, opt, run_dir=run, log_every=10, flush_every=10)
+    _train(first, model, opt, 30)
+    state = first.state_dict()
+    first.detach()
+    before = _snapshot(run)
+    second = gradwatch.attach(model, opt, run_dir=run, log_every=10, flush_every=10)
+    assert _snapshot(run) == before
+    second.load_state_dict(state)  # now known: a resume; it goes on recording here
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "running" and len(meta["sessions"]) == 2
+    assert meta["sessions"][-1]["first_step"] == 30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(second, model, opt, 20, start=30)
+        second.detach()
+    assert list(load_run(run).steps.step) == list(range(50))
 
 
 KILLED_RUN = textwrap.dedent(
@@ -344,3 +501,4 @@ def test_reporter_that_cannot_start_leaves_no_half_made_run(tmp_path):
         gradwatch.attach(opt_model, opt, run_dir=tmp_path / "run", reporters=[Broken()])
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["status"] == "finished"
     assert "step" not in opt.__dict__
+
