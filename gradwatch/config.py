@@ -159,8 +159,12 @@ class MonitorConfig:
     """``auto`` with ``max_ratio`` and an SGD-type optimizer (SGD, ASGD: a step
     proportional to the gradient; not Adam, AdamW, Adagrad, RMSprop, Adafactor and the
     like, whose step barely depends on the gradient's scale, nor a monitor attached
-    without its optimizer): how often the model norm may cross its boundary (above)
-    before the clipping threshold tightens. While crossings are more frequent than this
+    without its optimizer): how often the model norm may cross ``max_ratio`` times
+    the typical norm before the clipping threshold tightens. Only such crossings
+    count: a norm beyond the statistical boundary (``clip_z``) but within
+    ``max_ratio`` is clipped as an anomaly, but a run of them is what a norm rising
+    as the network learns looks like (an SGD MLP's often rises severalfold in its
+    first hundred steps), not evidence of a learning rate too high. While crossings are more frequent than this
     (a learning rate too high for the run, or norms heavy-tailed enough that steps far
     beyond the typical one are routine), the model's threshold comes down from the
     boundary towards the typical norm itself, never below it, so a step's size is held

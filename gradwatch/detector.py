@@ -198,6 +198,8 @@ class Detector:
         self._zeros = torch.zeros(1 + n, device=device)
         self._level_decay = torch.full((3 * n,), config.level_decay, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._log_ratio = (math.log(config.max_ratio) if config.max_ratio is not None
+                           else math.inf)
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
 
     def score(self, m: Measurement) -> Detection:
@@ -337,9 +339,14 @@ class Detector:
         update = m.valid & ~m.nonfinite
         self.stats.update(level, update, spread=fed, mean_decay=decay)
         if self.tightens:
-            # A crossing tightens, a step within the boundary relaxes: at equilibrium
-            # norms cross it at crossing_rate, or the threshold rests at either end.
-            crossed = d.anomalous[0].float()
+            # A crossing of max_ratio times the typical norm tightens, a step within it
+            # relaxes: at equilibrium norms cross it at crossing_rate, or the threshold
+            # rests at either end. Excesses beyond the clip_z boundary alone do not
+            # count: a healthy SGD MLP's norm rising fourfold as it learns crossed it
+            # for dozens of steps, bounding then held its level below the norm for
+            # hundreds of steps and clipped 42 % of them (experiment 5); a learning
+            # rate too high for the run crosses max_ratio from its first steps.
+            crossed = (d.anomalous[0] & (x[0] > mean[0] + self._log_ratio)).float()
             tightened = self.tightness + _TIGHTEN_STEP * (crossed - cfg.crossing_rate)
             self.tightness.copy_(
                 torch.where(armed[0] & update[0], tightened.clamp(0.0, 1.0), self.tightness)
