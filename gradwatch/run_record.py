@@ -19,6 +19,9 @@ directory adds a session; steps it records again replace the earlier ones on loa
 directory that already holds a record is written to only by such a run: whether the
 monitor resumes is known once a state is loaded or its first records arrive, and until
 then nothing is written there. A fresh run is refused (:class:`RunDirError`).
+
+Each part holds exactly the columns the recorder writes; :func:`load_run` refuses any
+other file named like a part.
 """
 
 from __future__ import annotations
@@ -279,6 +282,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     complete = {p.name for p in (run_dir / "steps").glob("part-*.parquet")}
     firsts = _session_first_steps(meta, complete)
     keys = {"steps": ["step"], "layers": ["step", "layer"], "events": ["step", "kind"]}
+    names = [rec["layer"] for rec in meta["layers"]]
     tables = {}
     for table in TABLES:
         parts = sorted(
@@ -287,7 +291,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         )
         frames = []
         for part in parts:
-            frame = _read_part(part)
+            frame = _read_part(part, table, names)
             # A later session (a resume from a checkpoint) re-records from its first
             # step: this session's rows from there on are superseded.
             cutoff = min((f for sid, f in firsts.items() if sid > _part_key(part)[0]),
@@ -301,9 +305,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             df = df.drop_duplicates(subset=keys[table], keep="last")
             df = df.sort_values(keys[table], kind="stable").reset_index(drop=True)
         else:
-            df = _empty(table, meta)
+            df = _empty(table)
         if table == "layers":
-            names = [rec["layer"] for rec in meta["layers"]]
             df["layer"] = pd.Categorical(df["layer"].astype(str), categories=names)
         tables[table] = df
     return RunData(meta=meta, steps=tables["steps"], layers=tables["layers"],
@@ -332,26 +335,88 @@ def _part_key(path: Path) -> tuple[str, int]:
         raise RunDirError(f"{path}: not a gradwatch part (unexpected file name)") from None
 
 
-def _read_part(path: Path):
+def _read_part(path: Path, table: str, layer_names: list[str]):
+    """Read one part and check it is what the recorder writes into ``table``: exactly
+    its columns, an integer step, numbers where it writes numbers, and actions and
+    layers of this run. Anything else (a foreign file named like a part, a directory)
+    raises :class:`RunDirError` naming the file."""
     import pandas as pd
 
+    if not path.is_file():
+        raise RunDirError(f"{path}: not a gradwatch part (not a file)")
     try:
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad files
         raise RunDirError(
             f"{path}: truncated or not a Parquet file ({type(err).__name__})"
         ) from None
+    expected = _columns(table)
+    if list(frame.columns) != expected:
+        missing = [c for c in expected if c not in frame.columns]
+        extra = [str(c) for c in frame.columns if c not in expected]
+        what = "; ".join(
+            f"{label} {_some(cols)}"
+            for label, cols in (("lacks", missing), ("has unexpected", extra)) if cols
+        ) or "columns in another order"
+        raise RunDirError(f"{path}: not a gradwatch {table} part ({what})")
+    if len(frame) == 0:
+        return frame  # an empty table has no types to check (events of a calm stretch)
+    problem = _malformed(frame, table, layer_names)
+    if problem:
+        raise RunDirError(f"{path}: not a gradwatch {table} part ({problem})")
+    return frame
 
 
-def _empty(table: str, meta: dict[str, Any]):
+def _malformed(frame, table: str, layer_names: list[str]) -> str | None:
+    """What is wrong with a part's values, if anything."""
     import pandas as pd
+    from pandas.api.types import is_integer_dtype, is_numeric_dtype
 
+    from .rows import ACTIONS
+
+    if not is_integer_dtype(frame["step"]):
+        return f"column 'step' is {frame['step'].dtype}, not integers"
+    if (frame["step"] < 0).any():
+        return "column 'step' holds negative steps"
+    allowed = {"action": ACTIONS, "layer": layer_names} if table != "events" else {}
+    text = ("kind", "layer", "layers", "action", "reason") if table == "events" else ()
+    for col in frame.columns[1:]:
+        values = frame[col]
+        if col in allowed:
+            # As written, a categorical: its categories say it all, without a pass
+            # over the rows.
+            present = (values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype)
+                       else values.dropna().unique())
+            unknown = set(present) - set(allowed[col])
+            if unknown or values.isna().any():
+                shown = _some(sorted(map(str, unknown))) if unknown else "a missing value"
+                return f"column {col!r} holds {shown}, not one of this run's"
+        elif col in text:
+            if not all(isinstance(v, str) for v in values):
+                return f"column {col!r} is not text"
+        elif not is_numeric_dtype(values):
+            return f"column {col!r} is {values.dtype}, not numbers"
+    return None
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _columns(table: str) -> list[str]:
+    """The columns the recorder writes into ``table``, in order."""
     from .events import EVENT_COLUMNS
     from .rows import LAYER_FIELDS, STEP_FIELDS
 
     if table == "steps":
-        return pd.DataFrame(columns=["step", *STEP_FIELDS])
+        return ["step", *STEP_FIELDS]
     if table == "layers":
-        cols = ["step", "layer", *[f for f in LAYER_FIELDS if f != "present"]]
-        return pd.DataFrame(columns=cols)
-    return pd.DataFrame(columns=list(EVENT_COLUMNS))
+        return ["step", "layer", *[f for f in LAYER_FIELDS if f != "present"]]
+    return list(EVENT_COLUMNS)
+
+
+def _empty(table: str):
+    import pandas as pd
+
+    return pd.DataFrame(columns=_columns(table))

@@ -502,3 +502,80 @@ def test_reporter_that_cannot_start_leaves_no_half_made_run(tmp_path):
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["status"] == "finished"
     assert "step" not in opt.__dict__
 
+
+FOREIGN_SESSION = "9" * 20  # sorts after the run's own session: merged in, were it read
+
+
+def _plant(run, kind):
+    """A file (or directory) named like a part that the recorder did not write."""
+    name = f"part-{FOREIGN_SESSION}-000000000020.parquet"
+    real = pd.read_parquet(sorted((run / "steps").glob("part-*.parquet"))[0])
+    target = run / ("layers" if kind == "unknown_layer" else "steps") / name
+    if kind == "foreign":
+        pd.DataFrame({"loss": [0.5, 0.4]}).to_parquet(target)
+    elif kind == "extra_column":
+        real.assign(step=real.step + 20, note="x").to_parquet(target)
+    elif kind == "nan_step":
+        real.assign(step=real.step.astype(float).where(real.step > 0)).to_parquet(target)
+    elif kind == "text_norm":
+        real.assign(step=real.step + 20, global_norm="big").to_parquet(target)
+    elif kind == "unknown_layer":
+        layers = pd.read_parquet(sorted((run / "layers").glob("part-*.parquet"))[0])
+        layers.assign(layer=layers.layer.astype(str).replace("2", "head")).to_parquet(target)
+        real.assign(step=real.step + 20).to_parquet(run / "steps" / name)
+    elif kind == "directory":
+        target.mkdir()
+    return target
+
+
+PLANTED = [
+    ("foreign", r"not a gradwatch steps part \(lacks 'step', 'global_norm', 'clipped_norm', "
+                r"'threshold', 'action' and \d+ more; has unexpected 'loss'\)"),
+    ("extra_column", r"not a gradwatch steps part \(has unexpected 'note'\)"),
+    ("nan_step", r"not a gradwatch steps part \(column 'step' is float64, not integers\)"),
+    ("text_norm", r"not a gradwatch steps part \(column 'global_norm' is \w+, not numbers\)"),
+    ("unknown_layer", r"not a gradwatch layers part \(column 'layer' holds 'head', not one of "
+                      r"this run's\)"),
+    ("directory", r"not a gradwatch part \(not a file\)"),
+]
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    run = tmp_path / "run"
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=run, log_every=10, flush_every=10)
+    _train(monitor, model, opt, 20)
+    monitor.detach()
+    return run
+
+
+@pytest.mark.parametrize(("kind", "match"), PLANTED, ids=[k for k, _ in PLANTED])
+def test_load_run_refuses_files_named_like_parts(recorded, kind, match):
+    planted = _plant(recorded, kind)
+    with pytest.raises(RunDirError, match=re.escape(str(planted)) + ": " + match) as info:
+        load_run(recorded)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("kind", "match"), PLANTED, ids=[k for k, _ in PLANTED])
+def test_cli_refuses_files_named_like_parts(recorded, tmp_path, capsys, kind, match):
+    from gradwatch.cli import main
+
+    planted = _plant(recorded, kind)
+    out = tmp_path / "report.html"
+    for command, args in (("summary", []), ("report", ["-o", str(out)])):
+        assert main([command, str(recorded), *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert re.fullmatch(rf"gradwatch {command}: error: {re.escape(str(planted))}: "
+                            rf"{match}\n", captured.err), captured.err
+    assert not out.exists()
+
+
+def test_cli_summary_of_a_healthy_run_still_works(recorded, capsys):
+    from gradwatch.cli import main
+
+    assert main(["summary", str(recorded)]) == 0
+    assert "steps" in capsys.readouterr().out
