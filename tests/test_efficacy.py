@@ -171,3 +171,9 @@ def test_sensitivity_scores_spikes_alarms_harm_and_level(tmp_path, monkeypatch):
     # The norm growing 10 % a step is flagged within 15 steps.
     assert res["drift"][("gradwatch", "norm", 1.10)]["latency"] <= 15
     assert "## Drift" in page
+    # The figure reads the recall table back from the page.
+    recalls = sensitivity.read_recalls(page)
+    assert set(recalls) == {("mlp_sgd", "gradwatch"), ("mlp_sgd", "zclip")}
+    assert recalls[("mlp_sgd", "gradwatch")] == [1.0]
+    sensitivity.plot(recalls, tmp_path / "recall.png")
+    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,6 +31,10 @@ ZClip runs without its fixed ceiling (``max_grad_norm=None``); its flags are its
 
     python benchmarks/efficacy/sensitivity.py                    # tuning scenarios
     python benchmarks/efficacy/sensitivity.py --held-out         # the held-out ones
+    python benchmarks/efficacy/sensitivity.py --plot-only        # the figure, from both pages
+
+Each command also draws ``sensitivity.png``: recall against spike magnitude, per
+scenario and method, from the recall tables of both pages as they are on disk.
 """
 
 from __future__ import annotations
@@ -294,6 +298,7 @@ def report(results: dict, held_out: bool) -> str:
     ]
     for name, res in results.items():
         lines += spike_rows(name, res)
+    lines += ["", "![recall against spike magnitude, both pages](sensitivity.png)"]
     lines += [
         "", "## Clean runs (mean over seeds, worst in brackets)", "",
         "False alarms per 1,000 steps after the first 50; steps clipped (%); final test "
@@ -320,11 +325,65 @@ def report(results: dict, held_out: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_recalls(page: str) -> dict[tuple[str, str], list[float]]:
+    """The recall table of a written page: ``(scenario, method) -> [recall per
+    magnitude]`` (shares of the spikes flagged)."""
+    table = page.split("## Recall", 1)[-1].split("\n## ", 1)[0]
+    recalls = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 + len(MAGNITUDES) and "/" in cells[2]:
+            recalls[(cells[0], cells[1])] = [
+                int(a) / int(b) for a, b in (c.split("/") for c in cells[2:])]
+    return recalls
+
+
+def plot(recalls: dict[tuple[str, str], list[float]], path: Path) -> None:
+    """Recall against spike magnitude: a panel per scenario, a line per method."""
+    scenarios = list(dict.fromkeys(name for name, _ in recalls))
+    cols = min(4, len(scenarios))
+    rows = math.ceil(len(scenarios) / cols)
+    with C.figure(path, rows, cols, figsize=(3.0 * cols, 2.5 * rows), squeeze=False,
+                  sharey=True) as (fig, axes):
+        for ax, name in zip(axes.flat, scenarios):
+            for method, style in (("gradwatch", "-o"), ("zclip", "--s")):
+                if (name, method) in recalls:
+                    ax.plot(MAGNITUDES, recalls[(name, method)], style, label=method,
+                            markersize=4)
+            ax.set_xscale("log")
+            ax.set_xticks(MAGNITUDES, [f"×{m:g}" for m in MAGNITUDES])
+            ax.minorticks_off()
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("loss spike", fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("spikes flagged", fontsize=8)
+        for ax in list(axes.flat)[len(scenarios):]:
+            ax.set_visible(False)
+        axes.flat[0].legend(fontsize=7)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = C.parser(__doc__, "sensitivity", seeds=3)
+    p = C.parser(__doc__, "sensitivity", seeds=3,
+                 plot="PNG of recall against magnitude, from both pages")
     p.add_argument("--held-out", action="store_true", help="the scenarios kept apart")
     p.add_argument("--scenarios", nargs="+", default=None, help="a subset, by name")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only draw the figure from the pages already written")
     args = p.parse_args(argv)
+    if not args.plot_only:
+        run_pages(args)
+    if args.plot is not None:
+        recalls = {}
+        for page in (C.HERE / "sensitivity.md", C.HERE / "sensitivity_held_out.md"):
+            if page.exists():
+                recalls.update(read_recalls(page.read_text()))
+        plot(recalls, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def run_pages(args) -> None:
     pool = HELD_OUT if args.held_out else SCENARIOS
     names = args.scenarios or list(pool)
     data = load_data()
@@ -333,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.held_out and out == C.HERE / "sensitivity.md":
         out = C.HERE / "sensitivity_held_out.md"
     C.write(out, report(results, args.held_out))
-    return 0
 
 
 if __name__ == "__main__":
