@@ -17,6 +17,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .config import MonitorConfig, resolve_config
 from .monitor import GradMonitor
+from .optimizers import refuse_repeated_closure
 from .reporters import Reporter
 
 
@@ -56,9 +57,12 @@ def attach(
         The monitor. Call its :meth:`~GradMonitor.step` once per optimizer step.
 
     Raises:
-        ValueError: an option is unknown or invalid (the message names it and the fix).
+        ValueError: an option is unknown or invalid, or ``optimizer`` evaluates its
+            closure again after moving the parameters (LBFGS, SAM-style), so its steps
+            cannot be skipped (the message names it and the fix).
     """
     config = resolve_config(config, overrides)
+    refuse_repeated_closure(optimizer)  # before a run directory or reporter is made
     all_reporters = list(reporters)
     if dist_utils.rank() != 0:
         # Under torch.distributed every rank measures and decides alike; only global

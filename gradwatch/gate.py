@@ -22,6 +22,12 @@ The same attributes carry norm clipping into a fused optimizer: its kernel divid
 every gradient by ``grad_scale`` (in place) as it reads it for the update, so the
 monitor sets ``grad_scale = 1 / coefficient`` instead of multiplying the gradients in
 a pass of its own. One read-modify-write of all gradients is saved on every step.
+
+A step given a closure (Lightning passes one that runs backward and the monitor) has
+the closure evaluated first, so the flag exists before the optimizer changes anything.
+Optimizers that move the parameters and then evaluate the closure again (LBFGS,
+SAM-style) cannot be gated this way: the known ones are refused at attach, any other
+at its first step (see :func:`~gradwatch.optimizers.refuse_repeated_closure`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .config import NORM_MODES, MonitorConfig
+from .optimizers import refuse_repeated_closure
 
 
 _MISSING = object()
@@ -51,7 +58,9 @@ def make_gate(optimizer: torch.optim.Optimizer | None, scaler: Any,
     coefficient.
 
     Raises:
-        ValueError: ``skip_threshold`` without an optimizer to skip.
+        ValueError: ``skip_threshold`` without an optimizer to skip, or an optimizer
+            that evaluates its closure again after moving the parameters (LBFGS,
+            SAM-style; see :func:`~gradwatch.optimizers.refuse_repeated_closure`).
     """
     if optimizer is None:
         if config.skip_threshold is not None:
@@ -61,6 +70,7 @@ def make_gate(optimizer: torch.optim.Optimizer | None, scaler: Any,
                 "skip_threshold=None"
             )
         return None
+    refuse_repeated_closure(optimizer)
     own_nonfinite = config.nonfinite == "skip" and scaler is None
     if own_nonfinite or config.skip_threshold is not None or (
         config.clip in NORM_MODES and supports_found_inf(optimizer)
@@ -81,6 +91,47 @@ def skip_description(optimizer: torch.optim.Optimizer | None, config: MonitorCon
     if supports_found_inf(optimizer):
         return "optimizer step skipped (fused found_inf)"
     return "optimizer step skipped"
+
+
+def _param_key(p: Tensor) -> tuple[int, int]:
+    """What changes when a parameter is changed: its version counter (in-place
+    updates) and its storage (``p.data = ...``). Host-side, no device sync."""
+    try:
+        return p._version, p.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage (DTensor): version only
+        return p._version, 0
+
+
+def _replay(optimizer: torch.optim.Optimizer, loss: Any) -> Any:
+    """The closure handed to ``optimizer.step`` once the gate has evaluated the real
+    one: it returns that evaluation's loss, while the parameters are those it was
+    computed at.
+
+    An optimizer that moves the parameters and then evaluates the closure again (SAM
+    and its variants, LBFGS; the known ones are refused at attach by
+    :func:`~gradwatch.optimizers.refuse_repeated_closure`) would get a loss and
+    gradients computed elsewhere, and the monitor could not skip its step: it is
+    refused here, at its first step, with the fix. Costs one host-side read per
+    parameter on steps that pass a closure.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    keys = [_param_key(p) for p in params]
+
+    def closure() -> Any:
+        if any(_param_key(p) != key for p, key in zip(params, keys)):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step moved the parameters and then evaluated "
+                "its closure again (as SAM-style optimizers and LBFGS do): gradwatch "
+                "evaluates the closure before the step to decide whether to skip it, and "
+                "cannot skip a step that computes its gradients after changing the "
+                "parameters; this step may already have changed them. Attach with "
+                "optimizer=None and call monitor.step() yourself inside the closure after "
+                "backward, or, for a SAM-style optimizer, attach to its base optimizer "
+                "and call monitor.step() after the backward at the perturbed parameters"
+            )
+        return loss
+
+    return closure
 
 
 class OptimizerGate:
@@ -113,13 +164,13 @@ class OptimizerGate:
 
         def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             closure = kwargs.get("closure", args[0] if args else None)
-            if closure is not None and gate._active and not isinstance(opt, torch.optim.LBFGS):
+            if closure is not None and gate._active:
                 # Frameworks (Lightning) pass a closure that runs backward and the
                 # monitor's step, so the skip flag exists only after it: evaluate it
                 # first, as the optimizer would, and hand the optimizer its result.
                 with torch.enable_grad():
                     loss = closure()
-                args, kwargs = (), {**kwargs, "closure": lambda: loss}
+                args, kwargs = (), {**kwargs, "closure": _replay(opt, loss)}
             flag, gate._flag = gate._flag, None
             coef, gate._coef = gate._coef, None
             if not gate._active:

@@ -36,3 +36,57 @@ def step_scales_with_gradient(optimizer: torch.optim.Optimizer | None) -> bool:
         return False
     defaults = getattr(optimizer, "defaults", {}) or {}
     return not any(key in defaults for key in _ADAPTIVE_KEYS) and "momentum" in defaults
+
+
+def refuse_repeated_closure(optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse an optimizer whose ``step(closure)`` moves the parameters and then
+    evaluates the closure again: ``torch.optim.LBFGS`` (its iterations and line search)
+    and SAM-style optimizers (a ``base_optimizer``, or ``first_step``/``second_step``:
+    gradients at ``w``, then at the perturbed ``w + e``).
+
+    A monitor steps once per optimizer step, on the gradients that step uses, and skips
+    a flagged step before it changes anything. Such an optimizer computes the gradients
+    it uses in the middle of its own step, after it has moved the parameters, so there
+    is no such moment: a non-finite gradient found there would already be on its way
+    into the parameters, and the flag would skip the next, healthy step instead. Other
+    optimizers that do this are refused when they first do it (see
+    :class:`~gradwatch.gate.OptimizerGate`).
+
+    Raises:
+        ValueError: naming the optimizer, why, and what to do instead.
+    """
+    if optimizer is None:
+        return
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            f"gradwatch cannot gate {name}: it evaluates its closure many times in one "
+            "step (its iterations and line search) and moves the parameters between "
+            "evaluations, so there is no single moment at which a step's gradients are "
+            "final, and a non-finite gradient found in a later evaluation would already "
+            "be moving the parameters. To watch its gradients, attach without it, "
+            "gradwatch.attach(model, optimizer=None, ...), and call monitor.step() "
+            "yourself inside the closure after backward: every evaluation is then "
+            "measured (and clipped) as a step of its own, and nothing is skipped "
+            "(gradwatch cannot keep a non-finite gradient out of an LBFGS step; with "
+            "nonfinite='zero', LBFGS without a line search stops at one)"
+        )
+    base = getattr(optimizer, "base_optimizer", None)
+    if isinstance(base, torch.optim.Optimizer) or (
+        callable(getattr(optimizer, "first_step", None))
+        and callable(getattr(optimizer, "second_step", None))
+    ):
+        fix = (
+            "attach to its base optimizer, gradwatch.attach(model, "
+            "optimizer.base_optimizer, ...)"
+            if isinstance(base, torch.optim.Optimizer)
+            else "attach with optimizer=None"
+        )
+        raise ValueError(
+            f"gradwatch cannot gate {name}, a SAM-style optimizer: its step computes the "
+            "gradients it uses at perturbed parameters (w + e), after it has moved them, "
+            "so a step cannot be skipped from outside it. Instead, "
+            f"{fix} and call monitor.step() yourself after the backward at w + e, "
+            "before the base optimizer steps (with first_step/second_step: "
+            "first_step(), backward, monitor.step(), second_step())"
+        )
