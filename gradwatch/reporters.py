@@ -38,6 +38,13 @@ from .config import MonitorConfig
 from .rows import RowLayout, row_metrics
 
 
+
+class ReporterRefusal(Exception):
+    """A reporter refuses to record this run at all (another run's record is where it
+    was told to write): a configuration error, raised to the caller of
+    ``monitor.step()`` instead of being downgraded to a warning like a failure
+    during the run."""
+
 @dataclass(frozen=True)
 class RunInfo:
     """What a reporter knows about the run from its start.
@@ -170,6 +177,8 @@ class ReporterSet:
                 continue
             try:
                 hook(*args)
+            except ReporterRefusal:
+                raise
             except Exception as err:  # noqa: BLE001 - a reporter must never kill the run
                 self.warn(reporter, method, err)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .history import event_frame, layer_frame, step_frame
-from .reporters import Chunk, Reporter, RunInfo
+from .reporters import Chunk, Reporter, ReporterRefusal, RunInfo
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -49,6 +49,11 @@ TABLES = ("steps", "layers", "events")
 
 class RunDirError(ValueError):
     """A run directory is missing, truncated, or not a gradwatch run."""
+
+
+class RunDirConflict(RunDirError, ReporterRefusal):
+    """A fresh run was told to record into another run's directory: raised from the
+    run's first records (``monitor.step()``), which write nothing there."""
 
 
 def default_run_dir(root: str | os.PathLike[str] = "gradwatch_runs") -> Path:
@@ -181,7 +186,7 @@ class RunRecorder(Reporter):
         if self._undecided:  # records, and no state was loaded: a fresh run
             self._refuse()
         if self._refused is not None:
-            raise RunDirError(self._refused)
+            raise RunDirConflict(self._refused)
         self._chunks.append(chunk)
         self._buffered += len(chunk.steps)
         if self._buffered >= self.flush_every:

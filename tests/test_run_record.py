@@ -203,17 +203,13 @@ def test_fresh_run_into_the_directory_of_another_run_is_refused(tmp_path):
                r"run did not resume it \(no monitor.load_state_dict before its first "
                r"step\).*record into a new directory \(run_dir=<a new path>\) or let "
                r"gradwatch make one \(run_dir=True\)")
-    with pytest.warns(UserWarning, match=r"RunRecorder.report failed \(RunDirError: " + refused):
+    with pytest.raises(RunDirError, match=refused):  # at its first records
         _train(second, model, opt, 30)
     second.detach()
     assert _snapshot(run) == before  # the other run's record is untouched
     assert list(load_run(run).steps.step) == list(range(40))
-    recorder = run_record.RunRecorder(run)
-    third = gradwatch.attach(model, opt, run_dir=False, reporters=[recorder])
-    with pytest.raises(RunDirError, match=refused):
-        recorder.report(keep.chunks[0])
-    third.detach()
-    assert _snapshot(run) == before
+    # The error came with the first records (log_every=10), before any was written.
+    assert second.steps().step.max() == 9
 
 
 def test_the_directory_of_a_run_is_written_once_the_run_resumes(tmp_path):
