@@ -164,14 +164,19 @@ class GradPlan:
         grads: list[Tensor],
         device: torch.device,
         weights: tuple[float, ...] | None = None,
+        numels: list[int] | None = None,
     ) -> GradPlan:
         """``grads``: the gradients at ``positions`` (their local shards when sharded);
         ``weights``: per parameter, whether its sums count on this rank (0 for a
-        replicated gradient on all but one rank of a sharded group)."""
+        replicated gradient on all but one rank of a sharded group); ``numels``: the
+        element count of each gradient where it is not ``g.numel()`` (a sparse
+        gradient read through its values counts the parameter's elements)."""
         layer_ids = [table.param_layer[i] for i in positions]
+        if numels is None:
+            numels = [g.numel() for g in grads]
         numel = [0] * table.num_layers
-        for i, g, li in zip(positions, grads, layer_ids):
-            numel[li] += g.numel() * (1 if weights is None else int(weights[i]))
+        for i, k, li in zip(positions, numels, layer_ids):
+            numel[li] += k * (1 if weights is None else int(weights[i]))
         return cls(
             positions=positions,
             groups=group_by_device_and_dtype(grads, device),

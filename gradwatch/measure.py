@@ -68,14 +68,45 @@ class GradReader:
         self.shards = shards
         self._dtensors = any(hasattr(p, "_local_tensor") for p in layers.params)
         self._plans: dict[tuple[int, ...], GradPlan] = {}
+        # Per sparse gradient of the current step (parameter position -> the rows its
+        # values hold), for policies that need the matching weights (AGC).
+        self._rows: dict[int, Tensor] = {}
 
     @property
     def num_plans(self) -> int:
         return len(self._plans)
 
     def params(self, plan: GradPlan) -> list[Tensor]:
-        """The parameters whose gradients ``plan`` reads."""
-        return [self.layers.params[i] for i in plan.positions]
+        """The parameters whose gradients ``plan`` reads, aligned with those gradients:
+        for a sparse gradient, the rows its values belong to."""
+        params = [self.layers.params[i] for i in plan.positions]
+        if self._rows:
+            params = [
+                p if i not in self._rows else p.detach().index_select(0, self._rows[i])
+                for i, p in zip(plan.positions, params)
+            ]
+        return params
+
+    def _sparse_values(self, i: int) -> Tensor:
+        """The values of parameter ``i``'s sparse gradient, coalesced, so they are its
+        elements (duplicate indices summed) and every edit in place (clamp, scale, zero)
+        edits the gradient itself. The coalesced gradient replaces ``p.grad``: sparse
+        optimizers (SparseAdam) coalesce it anyway, and then find it done.
+        (Coalescing sizes its output by the data: on an accelerator it waits for the
+        device, as the optimizer's own coalesce would.)"""
+        p = self.layers.params[i]
+        grad = p.grad
+        if grad.layout != torch.sparse_coo:
+            raise TypeError(
+                f"{self.layers.param_names[i]}.grad has layout {grad.layout}; gradwatch "
+                "reads dense and sparse COO gradients only"
+            )
+        if not grad.is_coalesced():
+            grad = grad.coalesce()
+            p.grad = grad
+        if grad.sparse_dim() == 1:  # rows of the parameter, as nn.Embedding's
+            self._rows[i] = grad._indices()[0]
+        return grad._values()
 
     def _plan(self) -> tuple[GradPlan, list[Tensor]]:
         # Sharded (FSDP) gradients are read through their local shards. Empty gradients
@@ -85,12 +116,24 @@ class GradReader:
             local = [None if p.grad is None else dist_utils.local(p.grad) for p in params]
         else:
             local = [p.grad for p in params]
+        # Sparse gradients (nn.Embedding(sparse=True)) are read through their values
+        # (a layout check is metadata: no sync). Numels then come from the parameters.
+        sparse = [i for i, g in enumerate(local) if g is not None and g.is_sparse]
+        self._rows = {}
+        if sparse:
+            local = list(local)
+            for i in sparse:
+                local[i] = self._sparse_values(i)
         positions = tuple(i for i, g in enumerate(local) if g is not None and g.numel() > 0)
         grads = [local[i] for i in positions]
         plan = self._plans.pop(positions, None)
         if plan is None or not plan.matches(grads):
             weights = None if self.shards is None else self.shards.sum_weight
-            plan = GradPlan.build(self.layers, positions, grads, self.device, weights)
+            numels = None if not sparse else [
+                self.layers.param_numel[i] if i in self._rows else g.numel()
+                for i, g in zip(positions, grads)
+            ]
+            plan = GradPlan.build(self.layers, positions, grads, self.device, weights, numels)
         self._plans[positions] = plan  # most recently used last
         if len(self._plans) > MAX_PLANS:
             del self._plans[next(iter(self._plans))]
