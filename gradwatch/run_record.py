@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,7 +105,15 @@ class RunRecorder(Reporter):
         flush_every: write a part once this many steps are buffered. The monitor
             hands records over every ``log_every`` steps, so parts hold a multiple of
             that.
+
+    A write that fails (disk full, directory gone) keeps its records for the next try,
+    but at most ``BACKLOG_PARTS`` parts' worth: beyond that the oldest are dropped,
+    with one warning, so a run whose disk stays full does not grow in memory. How
+    many steps were dropped is kept in ``meta.json`` (``dropped_steps``) once a write
+    succeeds again.
     """
+
+    BACKLOG_PARTS = 5
 
     def __init__(self, run_dir: str | os.PathLike[str], flush_every: int = 200) -> None:
         if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
@@ -121,6 +130,7 @@ class RunRecorder(Reporter):
         # it: nothing is written until it does (resumed) or its records arrive (refused).
         self._undecided = False
         self._refused: str | None = None
+        self._dropped = 0
 
     # ------------------------------------------------------------------ Reporter
     def start(self, run: RunInfo) -> None:
@@ -190,7 +200,29 @@ class RunRecorder(Reporter):
         self._chunks.append(chunk)
         self._buffered += len(chunk.steps)
         if self._buffered >= self.flush_every:
-            self._write()
+            try:
+                self._write()
+            except Exception:
+                self._shed()
+                raise
+
+    def _shed(self) -> None:
+        """Drop the oldest records beyond the backlog a failing disk may hold."""
+        limit = self.BACKLOG_PARTS * self.flush_every
+        dropped = 0
+        while self._buffered > limit and len(self._chunks) > 1:
+            chunk = self._chunks.pop(0)
+            self._buffered -= len(chunk.steps)
+            dropped += len(chunk.steps)
+        if dropped and not self._dropped:
+            warnings.warn(
+                f"gradwatch: the run record in {self.run_dir} cannot be written, and more "
+                f"than {limit} steps are waiting in memory; the oldest are dropped from "
+                "now on (meta.json's dropped_steps counts them once writing works "
+                "again). Free the disk or fix the directory to keep the rest.",
+                stacklevel=4,
+            )
+        self._dropped += dropped
 
     def close(self, error: str | None) -> None:
         if self._undecided or self._refused is not None:
@@ -224,6 +256,8 @@ class RunRecorder(Reporter):
         # Only now: a write that failed (disk full) keeps its records for the next try.
         self._chunks, self._buffered = [], 0
         self._meta["last_step"] = int(steps[-1])
+        if self._dropped:
+            self._meta["dropped_steps"] = self._dropped
         _write_json_atomic(self.run_dir / "meta.json", self._meta)
 
 

@@ -460,6 +460,47 @@ def test_failed_write_is_retried(tmp_path, monkeypatch):
     assert sorted(set(run.layers.step)) == list(range(40))
 
 
+def test_a_disk_that_stays_full_bounds_the_backlog_with_one_warning(tmp_path, monkeypatch):
+    import warnings
+
+    import pandas as pd
+
+    real = pd.DataFrame.to_parquet
+    full = {"on": False}
+
+    def disk(self, *args, **kwargs):
+        if full["on"]:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=10,
+                               flush_every=20)
+    recorder = next(r for r in monitor._reporters.reporters
+                    if isinstance(r, run_record.RunRecorder))
+    limit = recorder.BACKLOG_PARTS * 20
+    stream = GradStream(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(400):
+            full["on"] = 40 <= t < 340  # the disk is full for 300 steps
+            stream.write()
+            monitor.step()
+            opt.step()
+            assert recorder._buffered <= limit + 10  # one hand-over beyond the limit
+        monitor.detach()
+    dropped = [w for w in caught if "oldest are dropped" in str(w.message)]
+    assert len(dropped) == 1
+    run = load_run(tmp_path / "run")
+    kept = list(run.steps.step)
+    assert kept[:40] == list(range(40)) and kept[-60:] == list(range(340, 400))
+    lost = 400 - len(kept)
+    assert lost > 0 and run.meta["dropped_steps"] == lost
+    assert sorted(set(run.layers.step)) == kept
+
+
 def test_failing_probe_is_switched_off_and_training_continues(tmp_path):
     class Probing:
         probe_every = 2
