@@ -261,8 +261,10 @@ class MonitorConfig:
     many steps are buffered, and on exit."""
 
     history_limit: int | None = None
-    """Keep at most this many steps of per-layer history in memory (oldest dropped).
-    ``None`` keeps everything."""
+    """Keep at most this many steps of per-layer history in memory (oldest dropped),
+    and the events of those steps only (at most this many; one warning when the first
+    are dropped). The run record and the reporters still get everything. ``None``
+    keeps everything."""
 
     def __post_init__(self) -> None:
         prefixes = self.group_prefixes

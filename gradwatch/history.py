@@ -6,6 +6,8 @@ pandas is imported only when a table is asked for.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +41,7 @@ class StepHistory:
         self.steps: list[np.ndarray] = []
         self.rows: list[np.ndarray] = []
         self.events: list[dict[str, Any]] = []
+        self._events_dropped = False
 
     def add(self, steps: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """Store a chunk of rows; return the events it contains (also kept)."""
@@ -56,7 +59,25 @@ class StepHistory:
         new = [ev for step, row in zip(steps, rows)
                for ev in self.decoder.events_of(int(step), row)]
         self.events.extend(new)
+        if self.limit is not None:
+            self._bound_events()
         return new
+
+    def _bound_events(self) -> None:
+        """Events of the steps kept only, and at most ``limit`` of them: a run that
+        raises an event every step does not grow without end either."""
+        oldest = int(self.steps[0][0]) if self.steps and len(self.steps[0]) else None
+        keep = [ev for ev in self.events if oldest is None or ev["step"] >= oldest]
+        keep = keep[-self.limit:]
+        if len(keep) < len(self.events) and not self._events_dropped:
+            self._events_dropped = True
+            warnings.warn(
+                f"gradwatch: history_limit={self.limit} also bounds the events kept in "
+                "memory: those of older steps are dropped from monitor.events() (the run "
+                "record on disk and the reporters got them all)",
+                stacklevel=5,
+            )
+        self.events = keep
 
     # ----------------------------------------------------------------- tables
     def stacked(self) -> tuple[np.ndarray, np.ndarray]:

@@ -73,6 +73,19 @@ def test_history_limit_drops_oldest_steps():
     assert len(monitor.history()) == 12 * 3
 
 
+def test_history_limit_bounds_the_events_too_with_one_warning():
+    model = mlp()
+    monitor = gradwatch.attach(model, log_every=5, history_limit=12, warmup_steps=5)
+    stream = GradStream(model)
+    with pytest.warns(UserWarning, match=r"history_limit=12 also bounds the events") as rec:
+        for t in range(200):
+            # A spike every 25 steps: eight events, one of them in the steps kept.
+            stream.write(diffuse={"2": 100.0} if t % 25 == 20 else None)
+            monitor.step()
+    assert sum("also bounds the events" in str(w.message) for w in rec) == 1
+    assert set(monitor.events().step) == {195}  # only events of the 12 steps kept
+
+
 def test_recent_quantiles():
     model = mlp()
     monitor = gradwatch.attach(model)
