@@ -12,6 +12,7 @@ reports. The monitor's state travels in Trainer checkpoints through the callback
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -83,6 +84,19 @@ class GradWatchCallback(pl.Callback):
                 f"GradWatchCallback supports one optimizer, the Trainer has {len(optimizers)}"
             )
         optimizer = optimizers[0]
+        gated = optimizer
+        if isinstance(optimizer, torch.optim.LBFGS):
+            # LBFGS evaluates its closure several times a step, and Lightning calls
+            # on_before_optimizer_step after every evaluation: each is measured and
+            # clipped as a step of its own, with no optimizer to gate.
+            warnings.warn(
+                "GradWatchCallback: LBFGS evaluates its closure several times an "
+                "optimizer step, and gradwatch measures and clips each evaluation as a "
+                "step of its own, without gating the optimizer: a non-finite step "
+                "cannot be skipped (pass nonfinite='zero' to zero its gradients)",
+                stacklevel=2,
+            )
+            gated = None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         rank_zero = trainer.is_global_zero
         wandb: Any = False
@@ -93,7 +107,7 @@ class GradWatchCallback(pl.Callback):
         others = [lg for lg in trainer.loggers if type(lg).__name__ != "WandbLogger"]
         self.monitor = gradwatch.attach(
             pl_module,
-            optimizer,
+            gated,
             scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
             config=self.config,
             run_dir=self.run_dir if rank_zero else False,

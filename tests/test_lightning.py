@@ -228,3 +228,30 @@ def test_metrics_reach_a_csv_logger(tmp_path):
     assert list(rows.index) == list(range(30))
     assert rows["gradwatch/global_norm"].values == pytest.approx(steps.global_norm.values, rel=1e-6)
     assert "gradwatch/grad_norm/net.0" in rows.columns
+
+
+class TinyLBFGS(Tiny):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_lbfgs_is_watched_at_every_closure_evaluation(tmp_path):
+    # Lightning calls on_before_optimizer_step after each of LBFGS's closure
+    # evaluations; gradwatch, refused as LBFGS's gate, measures each of them.
+    callback = GradWatchCallback(run_dir=False, nonfinite="zero")
+    evaluations = []
+
+    class Count(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            evaluations.append(trainer.global_step)
+
+    trainer = pl.Trainer(max_steps=5, callbacks=[callback, Count()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         accelerator="cpu", devices=1)
+    with pytest.warns(UserWarning, match="LBFGS evaluates its closure several times"):
+        trainer.fit(TinyLBFGS(), _data(20))
+    assert trainer.global_step == 5
+    steps = callback.monitor.steps()
+    assert len(steps) == len(evaluations) > 5  # every evaluation, several a step
+    assert steps.global_norm.notna().all()
