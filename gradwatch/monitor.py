@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,10 @@ from .rows import CLIP_NORM, CLIP_VALUE, NONE, SKIP, RowLayout, nan_if_inf
 
 # Version 2 keeps the detector's statistics under "detector" (version 1: flat).
 STATE_VERSION = 2
+# At interpreter exit, how long the exit hook waits for a step running in another
+# thread (a daemon training thread) before it leaves the records unclosed: exit must
+# never hang on a step that does not finish.
+EXIT_WAIT_S = 10.0
 
 
 class GradMonitor:
@@ -89,6 +96,11 @@ class GradMonitor:
     ) -> None:
         _check_types(model, optimizer)
         self.config = cfg = config if config is not None else MonitorConfig()
+        # One step at a time, and no close while a step runs: held by step(), flush(),
+        # the state methods and detach(), which the exit hook may call from the main
+        # thread while another thread trains (re-entrant: step -> flush).
+        self._lock = threading.RLock()
+        self._closed_at_exit = False
         cfg.validate()  # again: a config forced past its frozen fields fails here, not in step()
         self._ddp = model if dist_utils.is_ddp(model) else None
         model = dist_utils.unwrap(model)  # DDP: the same gradients, the model's own names
@@ -128,6 +140,13 @@ class GradMonitor:
         self._exit_error: str | None = None
         self._warned_scaled = False
         self._warned_unhandled = False
+        # Misuse of step(): the gradients of the last step (weak references, so freed
+        # gradients are not kept alive, and their version counters), and the skip flag
+        # last armed in the gate (still there: no optimizer.step() since).
+        self._seen: tuple[tuple[int, ...], list[tuple[weakref.ref, int]]] | None = None
+        self._armed: Tensor | None = None
+        self._warned_repeat = False
+        self._warned_no_grads = False
         self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
         self._probes: list[tuple[Any, int]] = []
         self._reporters = ReporterSet()
@@ -198,21 +217,89 @@ class GradMonitor:
         No host synchronisation happens except on every ``log_every``-th step, where
         the buffered records are copied to the host in one transfer.
 
+        A step that finds no gradient (before ``backward()``), the last step's gradients
+        unchanged (twice per optimizer step), or gradients accumulated into without an
+        ``optimizer.step()`` since the last (once per micro-batch) warns, once; it is
+        told from the gradients' objects and version counters, without a device read.
+        Steps, flushes and :meth:`detach` are serialised, so the exit hook closes the
+        records after a step in flight in another thread.
+
         Returns:
             A :class:`StepResult` (its values stay on the device until read).
         """
-        if not self._attached:
-            raise RuntimeError("this monitor was detached; attach a new one with gradwatch.attach")
-        self._check_ready()
-        with torch.no_grad():
-            m = self._reader.measure()
-            d = self._detector.score(m)
-            self._run_probes(m)
-            decision = self._policy.decide(m, d)
-            decision = self._policy.apply_(m, d, decision, self._editor)
-            skip_z, skipped = self._skip_(m, d)
-            self._detector.update(m, d, self._step)
-            return self._record(m, d, decision, skip_z, skipped)
+        with self._lock:
+            if not self._attached:
+                if self._closed_at_exit:
+                    # The interpreter is exiting and the records are closed while another
+                    # (daemon) thread still trains: nothing records this step. That thread
+                    # ends here, quietly (threading ignores SystemExit): left to train on,
+                    # it would be inside torch's C++ code when the interpreter finalises,
+                    # and be ended by an abort there.
+                    if threading.current_thread() is not threading.main_thread():
+                        raise SystemExit
+                    return self._unrecorded()
+                raise RuntimeError(
+                    "this monitor was detached; attach a new one with gradwatch.attach")
+            self._check_ready()
+            unstepped = self._gate is not None and self._armed is not None and (
+                self._gate._flag is self._armed)  # not consumed: no optimizer.step() since
+            with torch.no_grad():
+                m = self._reader.measure()
+                self._check_fresh(m, unstepped)
+                d = self._detector.score(m)
+                self._run_probes(m)
+                decision = self._policy.decide(m, d)
+                decision = self._policy.apply_(m, d, decision, self._editor)
+                skip_z, skipped = self._skip_(m, d)
+                self._detector.update(m, d, self._step)
+                result = self._record(m, d, decision, skip_z, skipped)
+            # After this step's own edits (clipping bumps the versions).
+            self._seen = (m.plan.positions, [(weakref.ref(g), g._version) for g in m.grads])
+            return result
+
+    def _check_fresh(self, m: Measurement, unstepped: bool) -> None:
+        """Warn (once) where this step measures no new gradients: no gradient at all
+        (before ``backward()``), or the last step's gradients again. Host-side only:
+        gradient objects and version counters, no device read."""
+        if not m.grads:
+            if not self._warned_no_grads:
+                self._warned_no_grads = True
+                warnings.warn(
+                    "gradwatch: monitor.step() found no gradients (every p.grad is None): "
+                    "it ran before loss.backward(), or after optimizer.zero_grad(), so "
+                    "nothing was measured or clipped. Call monitor.step() after backward() "
+                    "and before optimizer.step().",
+                    stacklevel=3,
+                )
+            return
+        if self._warned_repeat or self._seen is None or self._seen[0] != m.plan.positions:
+            return
+        seen = self._seen[1]
+        # A backward replaces a gradient (set_to_none) or writes into it in place (which
+        # bumps its version: accumulation, or after zero_grad(set_to_none=False)).
+        same = all(ref() is g for (ref, _), g in zip(seen, m.grads))
+        if same and all(v == g._version for (_, v), g in zip(seen, m.grads)):
+            how = ("twice on the same gradients (no backward() ran since the last "
+                   "monitor.step())")
+        elif same and unstepped:
+            how = ("twice without optimizer.step() in between, on gradients accumulated "
+                   "since (once per micro-batch?)")
+        else:
+            return
+        self._warned_repeat = True
+        warnings.warn(
+            f"gradwatch: monitor.step() ran {how}: the step count and the statistics "
+            "advance more than once per optimizer step. Call monitor.step() once per "
+            "optimizer step: after the backward() of the last micro-batch (and "
+            "scaler.unscale_), before optimizer.step().",
+            stacklevel=3,
+        )
+
+    def _unrecorded(self) -> StepResult:
+        """The result of a step that measured nothing (NaN values, action "none")."""
+        row = torch.full((self._layout.width,), math.nan)
+        row[self._layout.step["action"]] = NONE
+        return StepResult(self._step, row, self._layout, self.layers.names)
 
     def _check_ready(self) -> None:
         self._check_scaler_stage()
@@ -283,7 +370,13 @@ class GradMonitor:
         if self._gate is not None and (own_skip or cfg.skip_threshold is not None):
             # (A gate made only to carry the clipping coefficient arms no flag, so a
             # fused optimizer's first step does not read one on the host.)
-            self._gate.arm(skip_z | nonfinite if own_skip else skip_z)
+            flag = skip_z | nonfinite if own_skip else skip_z
+            self._gate.arm(flag)
+            # Kept to tell whether optimizer.step() ran before the next monitor step
+            # (the gate consumes the flag), except where the optimizer's step may rightly
+            # not run: a GradScaler skips it on overflow.
+            if self.scaler is None:
+                self._armed = flag
         skipped = skip_z | nonfinite if self._handles_nonfinite else skip_z
         return skip_z, skipped
 
@@ -342,26 +435,27 @@ class GradMonitor:
     # ------------------------------------------------------------------ host side
     def flush(self) -> None:
         """Copy the buffered rows to the host (one transfer; synchronises)."""
-        if self._pending == 0:
-            return
-        rows_np, host_extras = self._to_host(self._buffer[: self._pending])
-        first = self._step - self._pending
-        steps = np.arange(first, self._step, dtype=np.int64)
-        self._pending = 0
-        new = self._history.add(steps, rows_np)
-        if len(self._reporters):
-            self._reporters.call("report", Chunk(steps, rows_np, new, host_extras,
-                                                 self._layout, self.layers.names))
-        if not self._handles_nonfinite and not self._warned_unhandled:
-            bad = [e["step"] for e in new if e["kind"] == "nonfinite"]
-            if bad:
-                self._warned_unhandled = True
-                warnings.warn(
-                    f"gradwatch: NaN/Inf gradients at step {bad[0]} were left as they are "
-                    "because no optimizer was given to skip the step; pass it, "
-                    "gradwatch.attach(model, optimizer), or use nonfinite='zero'",
-                    stacklevel=4,  # flush <- _record <- step <- the training loop
-                )
+        with self._lock:
+            if self._pending == 0:
+                return
+            rows_np, host_extras = self._to_host(self._buffer[: self._pending])
+            first = self._step - self._pending
+            steps = np.arange(first, self._step, dtype=np.int64)
+            self._pending = 0
+            new = self._history.add(steps, rows_np)
+            if len(self._reporters):
+                self._reporters.call("report", Chunk(steps, rows_np, new, host_extras,
+                                                     self._layout, self.layers.names))
+            if not self._handles_nonfinite and not self._warned_unhandled:
+                bad = [e["step"] for e in new if e["kind"] == "nonfinite"]
+                if bad:
+                    self._warned_unhandled = True
+                    warnings.warn(
+                        f"gradwatch: NaN/Inf gradients at step {bad[0]} were left as they are "
+                        "because no optimizer was given to skip the step; pass it, "
+                        "gradwatch.attach(model, optimizer), or use nonfinite='zero'",
+                        stacklevel=4,  # flush <- _record <- step <- the training loop
+                    )
 
     def _to_host(self, rows: Tensor) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:
         """The rows, and the probes' values riding along, in one transfer."""
@@ -420,30 +514,47 @@ class GradMonitor:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to make the same decisions (versioned)."""
-        self.flush()
-        return {
-            "version": STATE_VERSION,
-            "step": self._step,
-            "layers": list(self.layers.names),
-            "layer_numel": [rec["numel"] for rec in self.layers.describe()],
-            "config": self.config.to_dict(),
-            "detector": self._detector.state_dict(),
-            "events": [dict(e) for e in self._history.events],
-        }
+        with self._lock:
+            self.flush()
+            return {
+                "version": STATE_VERSION,
+                "step": self._step,
+                "layers": list(self.layers.names),
+                "layer_numel": [rec["numel"] for rec in self.layers.describe()],
+                "config": self.config.to_dict(),
+                "detector": self._detector.state_dict(),
+                "events": [dict(e) for e in self._history.events],
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the model must have the same layers."""
-        self.flush()  # rows already measured belong to the steps before the restore
-        _check_state(state, self.layers, self.config)
-        if state["version"] == 1:  # the statistics were kept flat
-            detector = {k: state[k] for k in ("stats", "window", "tightness") if k in state}
-        else:
-            detector = state["detector"]
-        self._detector.load_state_dict(detector)
-        self._pending = 0
-        self._step = int(state["step"])
-        self._history.events = [dict(e) for e in state.get("events", [])]
-        self._reporters.call("resumed", self._step)
+        """Restore :meth:`state_dict` output; the model must have the same layers.
+
+        Everything is checked before anything changes: a refused state leaves the
+        monitor exactly as it was (and warns of nothing).
+
+        Raises:
+            ValueError: naming what is wrong: not a monitor's state, an unsupported
+                version, a missing key or a malformed value, another model's layers or
+                shapes, another window size.
+        """
+        with self._lock:
+            detector = _check_state(state, self.layers)
+            self._detector.check_state(detector)
+            self.flush()  # rows already measured belong to the steps before the restore
+            self._detector.load_state_dict(detector)
+            self._pending = 0
+            self._step = int(state["step"])
+            self._history.events = [dict(e) for e in state.get("events", [])]
+            self._seen = None  # a restore is not a repeated step
+            self._reporters.call("resumed", self._step)
+            differing = sorted(k for k, v in state.get("config", {}).items()
+                               if self.config.to_dict().get(k) != v)
+            if differing:
+                warnings.warn(
+                    f"gradwatch: resuming with a different config ({', '.join(differing)}); "
+                    "decisions after resume may differ from the original run",
+                    stacklevel=2,
+                )
 
     # ------------------------------------------------------------------ reporters
     def add_reporter(self, reporter: Reporter) -> None:
@@ -473,24 +584,41 @@ class GradMonitor:
         )
 
     def _close_at_exit(self, error: str | None) -> None:
-        self._exit_error = error
-        self.detach()
+        # A step may be running in another thread (a daemon training thread goes on
+        # while the exit hooks run): close after it, so the record ends with its rows
+        # and says how the program ended; a later step is then a no-op. Waiting is
+        # bounded: a step that does not finish leaves the record unclosed, never a hang.
+        if not self._lock.acquire(timeout=EXIT_WAIT_S):
+            warnings.warn(
+                f"gradwatch: a monitor step in another thread did not finish within "
+                f"{EXIT_WAIT_S:g} s of interpreter exit; its records are left unclosed",
+                stacklevel=2,
+            )
+            return
+        try:
+            self._exit_error = error
+            self._closed_at_exit = True
+            self.detach()
+        finally:
+            self._lock.release()
 
     def detach(self) -> None:
         """Flush records, close the reporters and release the optimizer and the model.
 
         ``step()`` may not be called after. A monitor with reporters (the run record,
-        W&B) is otherwise kept alive until interpreter exit, where it is flushed.
+        W&B) is otherwise kept alive until interpreter exit, where it is flushed (after
+        a step in flight in another thread; a step there after that records nothing).
         """
-        if not self._attached:
-            return
-        self.flush()
-        self._reporters.call("close", self._exit_error)
-        if self._gate is not None:
-            self._gate.remove()
-            self._gate = None
-        self._attached = False
-        exit_hooks.unregister(self)
+        with self._lock:  # after a step in flight in another thread, never within it
+            if not self._attached:
+                return
+            self.flush()
+            self._reporters.call("close", self._exit_error)
+            if self._gate is not None:
+                self._gate.remove()
+                self._gate = None
+            self._attached = False
+            exit_hooks.unregister(self)
 
     @property
     def exit_error(self) -> str | None:
@@ -547,9 +675,14 @@ def _layer_table(model: nn.Module, config: MonitorConfig) -> LayerTable:
     return layers
 
 
-def _check_state(state: Any, layers: LayerTable, config: MonitorConfig) -> None:
-    """Refuse a state that is not a monitor's, is too new, or is another model's."""
-    if not isinstance(state, dict) or "version" not in state:
+def _check_state(state: Any, layers: LayerTable) -> Any:
+    """Refuse a state that is not a monitor's, is too new, is malformed or is another
+    model's; changes nothing.
+
+    Returns:
+        The detector's part of it (for :meth:`Detector.check_state`).
+    """
+    if not isinstance(state, Mapping) or "version" not in state:
         raise ValueError(
             "not a gradwatch monitor state: expected the dict returned by "
             "GradMonitor.state_dict()"
@@ -560,6 +693,26 @@ def _check_state(state: Any, layers: LayerTable, config: MonitorConfig) -> None:
             f"monitor state version {version!r} is not supported by this gradwatch "
             f"(which reads versions 1..{STATE_VERSION}); upgrade gradwatch to load it"
         )
+    required = ("step", "layers", "stats", "window") if version == 1 else (
+        "step", "layers", "detector")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(
+            f"monitor state (version {version}) lacks {', '.join(map(repr, missing))}: it "
+            "was not written by GradMonitor.state_dict(), or was damaged"
+        )
+    step = state["step"]
+    if not isinstance(step, Integral) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"monitor state 'step' is {step!r}, expected an integer >= 0")
+    for key, kind in (("layers", (list, tuple)), ("layer_numel", (list, tuple)),
+                      ("events", (list, tuple)), ("config", Mapping)):
+        if key in state and not isinstance(state[key], kind):
+            raise ValueError(
+                f"monitor state '{key}' is a {type(state[key]).__name__}, not what "
+                "GradMonitor.state_dict() writes"
+            )
+    if not all(isinstance(e, Mapping) for e in state.get("events", ())):
+        raise ValueError("monitor state 'events' holds entries that are not dicts")
     saved = list(state["layers"])
     mine = list(layers.names)
     if saved != mine:
@@ -574,18 +727,17 @@ def _check_state(state: Any, layers: LayerTable, config: MonitorConfig) -> None:
     numel = [rec["numel"] for rec in layers.describe()]
     saved_numel = list(state.get("layer_numel", numel))
     if saved_numel != numel:
+        if len(saved_numel) != len(numel):
+            raise ValueError(
+                f"monitor state 'layer_numel' has {len(saved_numel)} entries for "
+                f"{len(numel)} layers: the state was damaged"
+            )
         i = next(i for i, (a, b) in enumerate(zip(saved_numel, numel)) if a != b)
         raise ValueError(
             f"monitor state is from an incompatible model: layer {mine[i]!r} has "
             f"{numel[i]} parameters here but {saved_numel[i]} in the saved state. Load it "
             "into a monitor attached to the same architecture."
         )
-    differing = sorted(
-        k for k, v in state.get("config", {}).items() if config.to_dict().get(k) != v
-    )
-    if differing:
-        warnings.warn(
-            f"gradwatch: resuming with a different config ({', '.join(differing)}); "
-            "decisions after resume may differ from the original run",
-            stacklevel=3,
-        )
+    if version == 1:  # the statistics were kept flat
+        return {k: state[k] for k in ("stats", "window", "tightness") if k in state}
+    return state["detector"]

@@ -9,6 +9,7 @@ exactly. Nothing here reads a value on the host.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -81,19 +82,22 @@ class EmaStats:
         return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone(),
                 "mean_weight": self.mean_weight.clone()}
 
+    def check_state(self, state: Any) -> dict[str, Tensor]:
+        """The tensors :meth:`load_state_dict` would assign, checked against this
+        object's and converted to its device and dtypes; nothing is changed.
+
+        Raises:
+            ValueError: a key is missing, or a value is not a tensor of the right shape.
+        """
+        if isinstance(state, Mapping) and "mean_weight" not in state and "count" in state:
+            # Saved before the weight was kept: a constant decay.
+            count = check_tensor(state["count"], self.count, "statistics 'count'")
+            state = {**state, "mean_weight": 1.0 - torch.pow(self.mean_decay, count.float())}
+        return checked_tensors(self, state, ("mean", "var", "count", "mean_weight"),
+                               "statistics")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "mean_weight" not in state:  # saved before the weight was kept: a constant decay
-            count = torch.as_tensor(state["count"]).to(torch.float32)
-            state = {**state, "mean_weight": 1.0 - torch.pow(self.mean_decay, count)}
-        for name in ("mean", "var", "count", "mean_weight"):
-            value = state[name]
-            target = getattr(self, name)
-            if value.shape != target.shape:
-                raise ValueError(
-                    f"statistics '{name}' has shape {tuple(value.shape)}, expected "
-                    f"{tuple(target.shape)}: the state comes from a different model"
-                )
-            target.copy_(value)
+        _assign(self, self.check_state(state))
 
 
 class RecentWindow:
@@ -125,14 +129,27 @@ class RecentWindow:
     def state_dict(self) -> dict[str, Any]:
         return {"values": self.values.clone()}
 
+    def check_state(self, state: Any) -> dict[str, Tensor]:
+        """The window :meth:`load_state_dict` would assign, checked; nothing is changed.
+
+        Raises:
+            ValueError: no values, or values of another shape (another model, or
+                another window size).
+        """
+        if isinstance(state, Mapping) and "values" in state:
+            values = check_tensor(state["values"], None, "window 'values'")
+            if (values.dim() == 2 and values.shape[0] == self.values.shape[0]
+                    and values.shape[1] != self.length):
+                raise ValueError(
+                    f"the state's window holds {values.shape[1]} steps, this monitor's "
+                    f"{self.length} (MonitorConfig.window): load it into a monitor made "
+                    f"with window={values.shape[1]}"
+                )
+        return checked_tensors(self, state, ("values",), "window",
+                               hint="a different model or window size")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        values = state["values"]
-        if values.shape != self.values.shape:
-            raise ValueError(
-                f"window has shape {tuple(values.shape)}, expected {tuple(self.values.shape)}: "
-                "the state comes from a different model or window size"
-            )
-        self.values.copy_(values)
+        _assign(self, self.check_state(state))
 
 
 class RunningQuantile:
@@ -171,8 +188,12 @@ class RunningQuantile:
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value.clone(), "count": self.count.clone()}
 
+    def check_state(self, state: Any) -> dict[str, Tensor]:
+        """The tensors :meth:`load_state_dict` would assign, checked; nothing is changed."""
+        return checked_tensors(self, state, ("value", "count"), "running quantile")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_same_shape(self, state, ("value", "count"), "running quantile")
+        _assign(self, self.check_state(state))
 
 
 class Cusum:
@@ -218,17 +239,66 @@ class Cusum:
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k).clone() for k in ("sum", "alarmed", "length", "base")}
 
+    def check_state(self, state: Any) -> dict[str, Tensor]:
+        """The tensors :meth:`load_state_dict` would assign, checked; nothing is changed."""
+        return checked_tensors(self, state, ("sum", "alarmed", "length", "base"), "drift test")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_same_shape(self, state, ("sum", "alarmed", "length", "base"), "drift test")
+        _assign(self, self.check_state(state))
 
 
-def _load_same_shape(obj: Any, state: dict[str, Any], names: tuple[str, ...], what: str) -> None:
-    for name in names:
-        target = getattr(obj, name)
-        value = torch.as_tensor(state[name])
-        if value.shape != target.shape:
-            raise ValueError(
-                f"{what} '{name}' has shape {tuple(value.shape)}, expected "
-                f"{tuple(target.shape)}: the state comes from a different model"
-            )
-        target.copy_(value.to(target.device, target.dtype))
+def check_tensor(value: Any, target: Tensor | None, what: str,
+                 hint: str = "a different model") -> Tensor:
+    """``value`` as a tensor on ``target``'s device with its dtype and shape (as it is
+    when ``target`` is ``None``), without touching ``target``.
+
+    Raises:
+        ValueError: ``value`` is not numeric, or its shape is not ``target``'s.
+    """
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{what} is a {type(value).__name__}, not a tensor: the state was not written "
+            "by gradwatch, or was damaged"
+        ) from None
+    if tensor.is_complex():
+        raise ValueError(f"{what} has dtype {tensor.dtype}, expected real numbers")
+    if target is None:
+        return tensor
+    if tensor.shape != target.shape:
+        raise ValueError(
+            f"{what} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}: "
+            f"the state comes from {hint}"
+        )
+    # A copy (never the caller's tensor): assigning it later cannot alias the state.
+    return tensor.to(target.device, target.dtype, copy=True)
+
+
+def checked_tensors(obj: Any, state: Any, names: tuple[str, ...], what: str,
+                    hint: str = "a different model") -> dict[str, Tensor]:
+    """``state[name]`` for each of ``names``, checked against ``obj``'s attribute of that
+    name by :func:`check_tensor`. Nothing is assigned, so a state refused here leaves
+    ``obj`` as it was.
+
+    Raises:
+        ValueError: ``state`` is not a dict, lacks a name, or holds a bad value.
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"{what} state is a {type(state).__name__}, expected a dict from state_dict()"
+        )
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise ValueError(
+            f"{what} state lacks {', '.join(map(repr, missing))}: it was not written by "
+            "gradwatch's state_dict(), or was damaged"
+        )
+    return {name: check_tensor(state[name], getattr(obj, name), f"{what} '{name}'", hint)
+            for name in names}
+
+
+def _assign(obj: Any, values: dict[str, Tensor]) -> None:
+    """Copy checked values (see :func:`checked_tensors`) into ``obj``'s tensors."""
+    for name, value in values.items():
+        getattr(obj, name).copy_(value)

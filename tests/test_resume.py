@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -121,3 +123,125 @@ def test_resume_keeps_a_tightened_threshold():
     b = resumed.steps().set_index("step")
     assert (a.threshold < 1.9 * a.typical_norm).all()  # tightened when saved
     assert a.threshold.values.tolist() == b.threshold.values.tolist()
+
+
+def _assert_same(a, b, where="state"):
+    """Two states equal exactly (tensors bit for bit, NaN where NaN)."""
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=where)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), where  # NaN floats in events
+
+
+def _trained(steps, **options):
+    torch.manual_seed(0)
+    model = TinyNet()
+    monitor = gradwatch.attach(model, log_every=5, nonfinite="zero", run_dir=False, **options)
+    stream = GradStream(model, sigma=0.15)
+    _drive(monitor, stream, 0, steps)
+    return monitor, stream
+
+
+def test_refused_state_leaves_the_monitor_as_it_was():
+    # A state from a run with another window: refused before anything is assigned,
+    # and without the "different config" warning (nothing was loaded).
+    foreign, _ = _trained(60, window=16)
+    monitor, stream = _trained(45, window=32)
+    twin, twin_stream = _trained(45, window=32)  # never sees the foreign state
+    before = monitor.state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"the state's window holds 16 steps, this "
+                                             r"monitor's 32 \(MonitorConfig.window\): load "
+                                             r"it into a monitor made with window=16"):
+            monitor.load_state_dict(foreign.state_dict())
+    assert [str(w.message) for w in caught] == []
+    _assert_same(before, monitor.state_dict())
+    # Training goes on exactly as if the load had not been tried.
+    _drive(monitor, stream, 45, 200)
+    _drive(twin, twin_stream, 45, 200)
+    a, b = monitor.steps(), twin.steps()
+    assert a.equals(b)
+    assert monitor.events().equals(twin.events())
+    _assert_same(twin.state_dict(), monitor.state_dict())
+
+
+def _drop(path):
+    def edit(state):
+        *parents, last = path
+        for key in parents:
+            state = state[key]
+        del state[last]
+    return edit
+
+
+def _put(path, value):
+    def edit(state):
+        *parents, last = path
+        for key in parents:
+            state = state[key]
+        state[last] = value
+    return edit
+
+
+MALFORMED = {
+    "no step": (_drop(["step"]), r"monitor state \(version 2\) lacks 'step': it was not "
+                                 r"written by GradMonitor.state_dict\(\), or was damaged"),
+    "no detector": (_drop(["detector"]), r"lacks 'detector'"),
+    "no tail": (_drop(["detector", "tail"]), r"detector state \(version 2\) lacks 'tail'"),
+    "no variance": (_drop(["detector", "stats", "var"]), r"statistics state lacks 'var'"),
+    "no window values": (_drop(["detector", "window", "values"]),
+                         r"window state lacks 'values'"),
+    "no drift sum": (_drop(["detector", "drift", "sum"]), r"drift test state lacks 'sum'"),
+    "tail of another shape": (_put(["detector", "tail", "value"], torch.zeros(3, 4)),
+                              r"running quantile 'value' has shape \(3, 4\), expected "
+                              r"\(2, 9\): the state comes from a different model"),
+    "count of another shape": (_put(["detector", "stats", "count"], torch.zeros(3)),
+                               r"statistics 'count' has shape \(3,\), expected \(25,\)"),
+    "alarm clock not a tensor": (_put(["detector", "since_alarm"], "soon"),
+                                 r"detector 'since_alarm' is a str, not a tensor"),
+    "tightness of another shape": (_put(["detector", "tightness"], torch.zeros(2)),
+                                   r"detector 'tightness' has shape \(2,\), expected \(\)"),
+    "detector not a dict": (_put(["detector"], [1, 2]),
+                            r"detector state is a list, expected the dict"),
+    "negative step": (_put(["step"], -3), r"monitor state 'step' is -3, expected an integer"),
+    "events not a list": (_put(["events"], "none"), r"monitor state 'events' is a str"),
+    "layer_numel cut short": (_put(["layer_numel"], [1, 2]),
+                              r"'layer_numel' has 2 entries for 8 layers"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_state_is_refused_naming_what_is_wrong(name):
+    edit, message = MALFORMED[name]
+    donor, _ = _trained(40)
+    state = copy.deepcopy(donor.state_dict())
+    edit(state)
+    monitor, _ = _trained(20)
+    before = monitor.state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=message):
+            monitor.load_state_dict(state)
+    assert [str(w.message) for w in caught] == []
+    _assert_same(before, monitor.state_dict())
+
+
+def test_version_1_state_still_loads():
+    # Version 1 kept the statistics flat and had no tail, drift test or alarm clock.
+    donor, _ = _trained(40)
+    state = donor.state_dict()
+    detector = state.pop("detector")
+    state.update(version=1, stats=detector["stats"], window=detector["window"])
+    monitor, _ = _trained(10)
+    monitor.load_state_dict(state)
+    _assert_same(detector["stats"], monitor.state_dict()["detector"]["stats"])
+    assert monitor.num_steps == 40
