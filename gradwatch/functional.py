@@ -68,6 +68,7 @@ def tensor_norms(
     out_device: torch.device,
     *,
     with_max_abs: bool = True,
+    refine_overflow: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """L2 norm and max |x| of every tensor, as two fp32 vectors in input order.
 
@@ -81,6 +82,9 @@ def tensor_norms(
         groups: their (device, dtype) grouping, from :func:`group_by_device_and_dtype`.
         out_device: device of the returned vectors.
         with_max_abs: also return the max-abs vector (one more read of the tensors).
+        refine_overflow: on the CPU, compute a norm that overflowed the fp32 sum of
+            squares again in float64 (see :func:`_cpu_refine_overflow_`; it reads a
+            flag on the host).
 
     Returns:
         ``(norms, max_abs)``, each of shape ``(len(tensors),)``; ``max_abs`` is
@@ -88,13 +92,14 @@ def tensor_norms(
     """
     n = len(tensors)
     if len(groups) == 1:  # the common case: one device, one dtype, already in order
-        norms, max_abs = _stats(list(tensors), with_max_abs)
+        norms, max_abs = _stats(list(tensors), with_max_abs, refine_overflow)
         return _on(norms, out_device), None if max_abs is None else _on(max_abs, out_device)
     norms = torch.empty(n, dtype=torch.float32, device=out_device)
     max_abs = torch.empty(n, dtype=torch.float32, device=out_device) if with_max_abs else None
     for g in groups:
         # One fused call per group; fp32 accumulation keeps fp16/bf16 norms finite.
-        group_norms, group_max = _stats([tensors[i] for i in g.indices], with_max_abs)
+        group_norms, group_max = _stats([tensors[i] for i in g.indices], with_max_abs,
+                                        refine_overflow)
         norms.index_copy_(0, g.index, _on(group_norms, out_device))
         if max_abs is not None:
             max_abs.index_copy_(0, g.index, _on(group_max, out_device))
@@ -110,11 +115,34 @@ CPU_SMALL = 1 << 13
 CPU_STACK = 1 << 20
 
 
-def _stats(tensors: list[Tensor], with_max_abs: bool) -> tuple[Tensor, Tensor | None]:
+def _stats(tensors: list[Tensor], with_max_abs: bool,
+           refine_overflow: bool = False) -> tuple[Tensor, Tensor | None]:
     """Norms (and max |x|) of same-device, same-dtype tensors, as fp32 vectors."""
     if tensors[0].device.type != "cpu":
         return _norms(tensors), _max_abs(tensors) if with_max_abs else None
-    return _cpu_stats(tensors, with_max_abs)
+    norms, max_abs = _cpu_stats(tensors, with_max_abs)
+    if refine_overflow:
+        norms = _cpu_refine_overflow_(tensors, norms)
+    return norms, max_abs
+
+
+def _cpu_refine_overflow_(tensors: list[Tensor], norms: Tensor) -> Tensor:
+    """Norms that overflowed the fp32 sum of squares, computed again in float64.
+
+    fp32 accumulation overflows once a tensor's norm passes about 1.8e19 (the sum of
+    squares passes 3.4e38), although every element is finite (bf16 gradients of 1e30).
+    Only those tensors are read again, so a normal step pays one ``isinf().any()``;
+    reading that flag is free on the CPU (there is no device to wait for), and only
+    the CPU path asks for it. A norm that is still ``inf`` holds an Inf or exceeds
+    fp32's range itself (an overflow: see :func:`overflowed`). The accelerator path
+    reads no flag (no host sync), so there a norm above 1.8e19 stays ``inf`` and the
+    step reads as an overflow (skipped, named as such).
+    """
+    over = torch.isinf(norms)
+    if over.any():  # host read of a CPU tensor: no synchronisation
+        for i in over.nonzero().flatten().tolist():
+            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).float()
+    return norms
 
 
 def _cpu_stats(tensors: list[Tensor], with_max_abs: bool) -> tuple[Tensor, Tensor | None]:
@@ -178,6 +206,53 @@ def layer_sum_of_squares(norms: Tensor, layer_index: Tensor, num_layers: int) ->
     """Sum the squared tensor norms of each layer (``index_add``: no host sync)."""
     out = torch.zeros(num_layers, dtype=torch.float32, device=norms.device)
     return out.index_add_(0, layer_index, norms.square())
+
+
+# Norms below this are combined as they are (a multiply and a divide by exactly 1.0,
+# so normal steps keep their bits); from it on they are divided by the largest first,
+# so their squares cannot overflow fp32 (2**50 squared is 2**100, far below 2**128).
+_SCALE_FROM = 2.0**50
+
+
+def layer_and_global_norms(
+    norms: Tensor, layer_index: Tensor, num_layers: int
+) -> tuple[Tensor, Tensor]:
+    """Per-layer and global L2 norms from per-tensor norms, without fp32 overflow.
+
+    Squaring norms above about 1.8e19 would overflow fp32 although each is finite;
+    they are scaled by ``1 / max`` before squaring and scaled back after the square
+    root. A NaN or ``inf`` norm stays NaN or ``inf`` (the scale is then 1 or keeps
+    ``inf`` infinite). No host read.
+
+    Returns:
+        ``(layer_norm, global_norm)``: a ``(num_layers,)`` vector and a 0-dim tensor.
+    """
+    scale = _overflow_scale(norms)
+    sumsq = layer_sum_of_squares(norms * scale, layer_index, num_layers)
+    return sumsq.sqrt() / scale, sumsq.sum().sqrt() / scale
+
+
+def global_norm_of(norms: Tensor) -> Tensor:
+    """The L2 norm of a vector of norms (layers to model), without fp32 overflow."""
+    scale = _overflow_scale(norms)
+    return (norms * scale).square().sum().sqrt() / scale
+
+
+def _overflow_scale(norms: Tensor) -> Tensor:
+    """1.0 unless the largest finite norm reaches ``_SCALE_FROM``; then its reciprocal.
+    NaN and ``inf`` norms are left out of the maximum: they stay NaN and ``inf``
+    whatever the scale, and the other layers keep their values."""
+    if norms.numel() == 0:  # metadata: no sync
+        return torch.ones((), dtype=norms.dtype, device=norms.device)
+    top = torch.where(torch.isfinite(norms), norms, 0.0).amax()
+    return torch.where(top >= _SCALE_FROM, top.reciprocal(), 1.0)
+
+
+def overflowed(global_norm: Tensor, layer_max: Tensor) -> Tensor:
+    """Whether a step's norm is ``inf`` although every element is finite (0-dim bool):
+    finite gradients whose norm exceeds fp32's range (3.4e38), as opposed to Inf or
+    NaN elements (an Inf element makes max |g| ``inf``, a NaN makes the norm NaN)."""
+    return torch.isinf(global_norm) & torch.isfinite(layer_max).all()
 
 
 def layer_max(values: Tensor, layer_index: Tensor, num_layers: int) -> Tensor:

@@ -29,6 +29,10 @@ MAX_PLANS = 64
 class Measurement:
     """One step's gradients and what was measured of them, all on the device.
 
+    ``nonfinite``: the global norm is NaN or ``inf``; ``overflow`` (a part of it): it
+    is ``inf`` although every element is finite (a norm beyond fp32's range), not
+    NaN/Inf gradients.
+
     ``x`` and ``valid`` are the statistics' channels: the model's log norm, then every
     layer's log norm, log max |g| and log concentration (``1 + 3L`` values). A channel
     is invalid where its log is not finite (an absent or all-zero layer).
@@ -42,6 +46,7 @@ class Measurement:
     present: Tensor
     global_norm: Tensor
     nonfinite: Tensor
+    overflow: Tensor
     concentration: Tensor
     x: Tensor
     valid: Tensor
@@ -66,6 +71,9 @@ class GradReader:
         self.layers = layers
         self.device = device
         self.shards = shards
+        # Whether a tensor norm that overflowed fp32 is computed again in float64: the
+        # CPU path only (it reads a flag on the host); set through the GradEditor.
+        self.refine_overflow = False
         self._dtensors = any(hasattr(p, "_local_tensor") for p in layers.params)
         self._plans: dict[tuple[int, ...], GradPlan] = {}
         # Per sparse gradient of the current step (parameter position -> the rows its
@@ -145,10 +153,12 @@ class GradReader:
         n = self.layers.num_layers
         norms, max_abs = self._tensor_norms(plan, grads, with_max_abs=True)
         layer_max = F.layer_max(max_abs, plan.layer_index, n)
-        layer_sumsq = self._layer_sumsq(plan, norms)
         present = plan.layer_present
         layer_numel = plan.layer_numel
-        if self.shards is not None:
+        if self.shards is None:
+            layer_norm, global_norm = F.layer_and_global_norms(norms, plan.layer_index, n)
+        else:
+            layer_sumsq = self._layer_sumsq(plan, norms)
             # Shards: whole-layer values from one SUM and one MAX all-reduce of 2L
             # values each. A NaN on any rank makes the sum NaN on every rank.
             sums, maxes = self.shards.reducer.sum_and_max(
@@ -158,10 +168,14 @@ class GradReader:
             present = maxes[n:] > 0
             # MAX may drop a NaN (comparisons with NaN are false); the sum keeps it.
             layer_max = torch.where(layer_sumsq.isnan(), math.nan, maxes[:n])
-        layer_norm = layer_sumsq.sqrt()
-        global_norm = layer_sumsq.sum().sqrt()
-        # NaN/Inf anywhere makes its tensor's norm, hence the sum, non-finite.
+            # (Sums of squares across ranks are fp32: a layer norm above about 1.8e19
+            # reads as inf there, an overflow.)
+            layer_norm = layer_sumsq.sqrt()
+            global_norm = layer_sumsq.sum().sqrt()
+        # NaN/Inf anywhere makes its tensor's norm, hence the sum, non-finite; so does
+        # a norm beyond fp32's range (an overflow: every element finite).
         nonfinite = ~torch.isfinite(global_norm)
+        overflow = F.overflowed(global_norm, layer_max)
         # NaN (so log is NaN and the channel is not updated) where a layer has no
         # gradient or an all-zero one: there is no concentration to speak of.
         concentration = torch.where(
@@ -171,7 +185,7 @@ class GradReader:
         return Measurement(
             plan=plan, grads=grads, layer_norm=layer_norm, layer_max=layer_max,
             layer_numel=layer_numel, present=present, global_norm=global_norm,
-            nonfinite=nonfinite, concentration=concentration, x=x,
+            nonfinite=nonfinite, overflow=overflow, concentration=concentration, x=x,
             valid=torch.isfinite(x),  # absent layers have norm 0, so log is -inf: invalid
         )
 
@@ -179,9 +193,9 @@ class GradReader:
         """The per-layer L2 norms of ``m``'s gradients as they are now (after an edit
         in place, such as clipping by value)."""
         norms, _ = self._tensor_norms(m.plan, m.grads, with_max_abs=False)
-        sumsq = self._layer_sumsq(m.plan, norms)
-        if self.shards is not None:
-            sumsq = self.shards.reducer.sum(sumsq)
+        if self.shards is None:
+            return F.layer_and_global_norms(norms, m.plan.layer_index, self.layers.num_layers)[0]
+        sumsq = self.shards.reducer.sum(self._layer_sumsq(m.plan, norms))
         return sumsq.sqrt()
 
     def _tensor_norms(self, plan: GradPlan, grads: list[Tensor], *,
@@ -190,7 +204,8 @@ class GradReader:
         if not grads:
             empty = torch.zeros(0, dtype=torch.float32, device=self.device)
             return empty, empty if with_max_abs else None
-        return F.tensor_norms(grads, plan.groups, self.device, with_max_abs=with_max_abs)
+        return F.tensor_norms(grads, plan.groups, self.device, with_max_abs=with_max_abs,
+                              refine_overflow=self.refine_overflow)
 
     def _layer_sumsq(self, plan: GradPlan, norms: Tensor) -> Tensor:
         """This rank's per-layer sums of squares (a replicated tensor of a sharded model

@@ -75,6 +75,17 @@ class GradEditor:
         self.monitored = monitored
         self.host_branches = host_branches
 
+    @property
+    def host_branches(self) -> bool:
+        return self._host_branches
+
+    @host_branches.setter
+    def host_branches(self, value: bool) -> None:
+        # The reader's float64 fallback for overflowed norms reads a flag on the host:
+        # on the CPU path only.
+        self._host_branches = value
+        self.reader.refine_overflow = value
+
     def _needed(self, flag: Tensor) -> bool:
         return not self.host_branches or bool(flag)  # host read on the CPU only
 

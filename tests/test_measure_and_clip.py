@@ -280,3 +280,84 @@ def test_fused_optimizer_with_parameters_outside_the_monitor_keeps_them_unclippe
     assert clipped.norm() == pytest.approx(1e-3, rel=1e-4)
     assert encoder_grad.norm() > 1e-2
     assert not hasattr(opt, "grad_scale")
+
+
+def _huge_grads(model: nn.Module, scale: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("clip", ["none", "auto", "value"])
+def test_finite_gradients_near_1e30_are_measured_not_called_nonfinite(dtype, clip):
+    # fp32 sums of squares overflow above norms of ~1.8e19 although every element is
+    # finite; the step must be measured (float64 reference) and not skipped.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).to(dtype)
+    extra = {"clip_value": 1e29} if clip == "value" else {}
+    monitor = gradwatch.attach(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), clip=clip, run_dir=False, **extra
+    )
+    _huge_grads(model, 1e30)
+    grads = [p.grad.double() for p in model.parameters()]
+    total = torch.nn.utils.get_total_norm(grads).item()
+    layers = [torch.nn.utils.get_total_norm(grads[i : i + 2]).item() for i in (0, 2)]
+    m = monitor._reader.measure()
+    assert not m.nonfinite and not m.overflow
+    result = monitor.step()
+    assert not result.nonfinite
+    assert result.action != "skip"
+    assert result.global_norm == pytest.approx(total, rel=1e-5)
+    assert list(monitor.history().grad_norm) == pytest.approx(layers, rel=1e-5)
+    if clip == "value":
+        assert result.action == "clip_value"
+        # (the recorded clipped_norm is squared again in the monitor: not checked here)
+        assert all(p.grad.abs().max() <= 1e29 for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inf_or_nan_among_huge_gradients_is_still_nonfinite(bad, dtype):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).to(dtype)
+    monitor = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               run_dir=False)
+    _huge_grads(model, 1e30)
+    model[1].bias.grad[3] = bad
+    m = monitor._reader.measure()
+    assert m.nonfinite and not m.overflow
+    result = monitor.step()
+    assert result.nonfinite and result.action == "skip"
+
+
+def test_norm_beyond_fp32_range_is_an_overflow_not_nan():
+    model = nn.Linear(8, 8)
+    monitor = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               run_dir=False)
+    model.weight.grad = torch.full_like(model.weight, 3e38)  # finite; norm 2.4e39
+    model.bias.grad = torch.ones_like(model.bias)
+    m = monitor._reader.measure()
+    assert m.nonfinite and m.overflow  # beyond fp32: skipped, but named an overflow
+    assert torch.isinf(m.global_norm) and torch.isfinite(m.layer_max).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tensor_and_layer_norms_of_huge_gradients_match_float64(dtype):
+    from gradwatch import functional as F
+
+    g = torch.Generator().manual_seed(2)
+    sizes = [(300, 300), (7,), (7,), (40, 5), (1,)]  # big and stacked small tensors
+    tensors = [(torch.randn(s, generator=g) * 1e30).to(dtype) for s in sizes]
+    groups = F.group_by_device_and_dtype(tensors, torch.device("cpu"))
+    norms, max_abs = F.tensor_norms(tensors, groups, torch.device("cpu"), refine_overflow=True)
+    ref = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
+    torch.testing.assert_close(norms.double(), ref, rtol=1e-5, atol=0)
+    index = torch.tensor([0, 0, 1, 1, 1])
+    layer, total = F.layer_and_global_norms(norms, index, 2)
+    ref_layer = torch.stack([ref[:2].square().sum().sqrt(), ref[2:].square().sum().sqrt()])
+    torch.testing.assert_close(layer.double(), ref_layer, rtol=1e-5, atol=0)
+    assert total.item() == pytest.approx(ref.square().sum().sqrt().item(), rel=1e-5)
+    # normal magnitudes: exactly the plain fp32 sum of squares (the scale is 1.0)
+    small = norms / 1e30
+    layer_s, total_s = F.layer_and_global_norms(small, index, 2)
+    plain = F.layer_sum_of_squares(small, index, 2)
+    assert torch.equal(layer_s, plain.sqrt()) and torch.equal(total_s, plain.sum().sqrt())
