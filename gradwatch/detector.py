@@ -35,6 +35,7 @@ Why these estimators (measured in ``benchmarks/efficacy``, experiment 5):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -44,9 +45,13 @@ from torch import Tensor
 
 from .config import MonitorConfig
 from .measure import Measurement
-from .stats import Cusum, EmaStats, RecentWindow, RunningQuantile
+from .stats import Cusum, EmaStats, RecentWindow, RunningQuantile, check_tensor
 
 STATE_VERSION = 2
+# The keys every state of a version holds (version 2 added the tail, the drift test and
+# the alarm clock; "drift" is None where the test is off).
+_STATE_KEYS = {1: ("stats", "window"),
+               2: ("stats", "window", "tightness", "tail", "drift", "since_alarm")}
 
 # Below this many updates a channel is fed raw values; from then on values are
 # winsorised at the detection threshold, so one early spike cannot inflate the
@@ -380,21 +385,68 @@ class Detector:
             "since_alarm": self.since_alarm.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` would assign, checked against this
+        detector's own state (keys, shapes) and converted to its device; nothing is
+        changed.
+
+        Raises:
+            ValueError: naming what is wrong: not a dict, an unsupported version, a
+                missing key, a value that is not a tensor or has another shape.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"detector state is a {type(state).__name__}, expected the dict from "
+                "Detector.state_dict()"
+            )
         version = state.get("version", 1)
         if not isinstance(version, int) or not 1 <= version <= STATE_VERSION:
             raise ValueError(
                 f"detector state version {version!r} is not supported by this gradwatch "
                 f"(which reads versions 1..{STATE_VERSION}); upgrade gradwatch to load it"
             )
-        device = self.tightness.device
-        self.stats.load_state_dict({k: v.to(device) for k, v in state["stats"].items()})
-        self.window.load_state_dict({k: v.to(device) for k, v in state["window"].items()})
-        self.tightness.copy_(torch.as_tensor(state.get("tightness", 0.0)).to(device))
-        # Version 1 had no tail, drift test or alarm clock: they start afresh.
+        # Version 1 had no tail, drift test or alarm clock (and tightness only in auto).
+        required = _STATE_KEYS[version]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(
+                f"detector state (version {version}) lacks {', '.join(map(repr, missing))}: "
+                "it was not written by gradwatch's state_dict(), or was damaged"
+            )
+        checked: dict[str, Any] = {
+            "stats": self.stats.check_state(state["stats"]),
+            "window": self.window.check_state(state["window"]),
+        }
+        if "tightness" in state:
+            checked["tightness"] = check_tensor(state["tightness"], self.tightness,
+                                                "detector 'tightness'")
         if state.get("tail") is not None:
-            self.tail.load_state_dict(state["tail"])
+            checked["tail"] = self.tail.check_state(state["tail"])
         if state.get("drift") is not None and self.drift is not None:
-            self.drift.load_state_dict(state["drift"])
+            checked["drift"] = self.drift.check_state(state["drift"])
         if "since_alarm" in state:
-            self.since_alarm.copy_(torch.as_tensor(state["since_alarm"]).to(device))
+            checked["since_alarm"] = check_tensor(state["since_alarm"], self.since_alarm,
+                                                  "detector 'since_alarm'")
+        return checked
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. Everything is checked before anything is
+        assigned: a refused state leaves the detector as it was.
+
+        Raises:
+            ValueError: as :meth:`check_state`.
+        """
+        checked = self.check_state(state)
+        self.stats.load_state_dict(checked["stats"])
+        self.window.load_state_dict(checked["window"])
+        # What a version 1 state lacks starts afresh.
+        if "tightness" in checked:
+            self.tightness.copy_(checked["tightness"])
+        else:
+            self.tightness.zero_()
+        if "tail" in checked:
+            self.tail.load_state_dict(checked["tail"])
+        if "drift" in checked:
+            self.drift.load_state_dict(checked["drift"])
+        if "since_alarm" in checked:
+            self.since_alarm.copy_(checked["since_alarm"])
