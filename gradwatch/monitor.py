@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from . import exit_hooks
+from . import functional as F
 from .config import MonitorConfig
 from .detector import Detection, Detector
 from .events import EventDecoder
@@ -393,7 +394,7 @@ class GradMonitor:
         row = self._layout.build(
             {
                 "global_norm": m.global_norm,
-                "clipped_norm": decision.layer_norm.square().sum().sqrt(),
+                "clipped_norm": F.global_norm_of(decision.layer_norm),
                 "threshold": nan_if_inf(decision.threshold),
                 "action": action,
                 "explosion": d.explosion & ~nonfinite,

@@ -266,7 +266,7 @@ class AutoPolicy(ClipPolicy):
                editor: GradEditor) -> Decision:
         after = editor.clamp_(m, decision.value_threshold, decision.value_clipped)
         post_layer = m.layer_norm if after is None else after
-        post_global = post_layer.square().sum().sqrt()
+        post_global = F.global_norm_of(post_layer)
         post = torch.cat([post_global.reshape(1), post_layer])
         # The model's threshold may sit below its boundary (tightened): any model norm
         # above it is scaled; layers only when anomalous.

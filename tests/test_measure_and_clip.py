@@ -315,6 +315,25 @@ def test_finite_gradients_near_1e30_are_measured_not_called_nonfinite(dtype, cli
         assert all(p.grad.abs().max() <= 1e29 for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_1e30_step_after_warm_up_is_scaled_back_not_zeroed(dtype):
+    # Armed auto: the step is an explosion clipped to its threshold; a coefficient of
+    # threshold / inf would zero every gradient instead.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).to(dtype)
+    monitor = gradwatch.attach(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               run_dir=False, warmup_steps=10)
+    for t in range(30):
+        _huge_grads(model, 1.0 + 0.01 * t)
+        monitor.step()
+    _huge_grads(model, 1e30)
+    result = monitor.step()
+    assert result.explosion and result.action == "clip_norm"
+    after = torch.nn.utils.get_total_norm([p.grad.double() for p in model.parameters()])
+    assert after.item() == pytest.approx(result.threshold, rel=1e-2)
+    assert monitor.steps().clipped_norm.iloc[-1] == pytest.approx(result.threshold, rel=1e-2)
+
+
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inf_or_nan_among_huge_gradients_is_still_nonfinite(bad, dtype):
