@@ -60,10 +60,17 @@ class EventDecoder:
                     )
                 )
             else:
+                present = per["present"] > 0
+                # Every element finite, a norm not: finite gradients whose norm is
+                # beyond float32's range (about 3.4e38), not NaN or Inf in the data.
+                overflow = bool(names) and bool(np.isfinite(per["max_abs"][present]).all())
+                what = ("finite gradients whose norm overflows float32 (largest |g| "
+                        f"{np.max(per['max_abs'][present]):.3g})" if overflow
+                        else "NaN/Inf gradients")
                 events.append(
                     self._event(
                         step, "nonfinite", names, action,
-                        f"NaN/Inf gradients in {where}: {self.skip_how}; statistics not updated",
+                        f"{what} in {where}: {self.skip_how}; statistics not updated",
                         s,
                     )
                 )

@@ -357,6 +357,12 @@ def test_norm_beyond_fp32_range_is_an_overflow_not_nan():
     m = monitor._reader.measure()
     assert m.nonfinite and m.overflow  # beyond fp32: skipped, but named an overflow
     assert torch.isinf(m.global_norm) and torch.isfinite(m.layer_max).all()
+    result = monitor.step()
+    assert result.nonfinite and result.action == "skip"
+    (reason,) = monitor.events().reason
+    assert reason.startswith("finite gradients whose norm overflows float32 (largest |g| "
+                             "3e+38) in (root): optimizer step skipped")
+    assert "NaN" not in reason
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
