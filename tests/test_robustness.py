@@ -180,7 +180,8 @@ def test_empty_parameter_and_no_gradients_at_all():
     model = mlp()
     model.register_parameter("empty", nn.Parameter(torch.zeros(0)))
     monitor = gradwatch.attach(model)
-    result = monitor.step()  # no gradient anywhere yet
+    with pytest.warns(UserWarning, match=r"monitor.step\(\) found no gradients"):
+        result = monitor.step()  # no gradient anywhere yet
     assert result.global_norm == 0.0 and result.action == "none" and not result.nonfinite
     GradStream(model).write()
     assert model.empty.grad.numel() == 0
