@@ -50,7 +50,7 @@ from .gate import OptimizerGate, make_gate, skip_description
 from .history import StepHistory
 from .layers import LayerTable
 from .measure import GradReader, Measurement
-from .optimizers import step_scales_with_gradient
+from .optimizers import refuse_repeated_closure, step_scales_with_gradient
 from .policies import Decision, GradEditor, make_policy
 from .reporters import Chunk, ProbeInput, Reporter, ReporterSet, RunInfo
 from .result import StepResult
@@ -119,6 +119,8 @@ class GradMonitor:
             self.layers = dataclasses.replace(self.layers, param_numel=shards.param_numel)
         self._reader = GradReader(self.layers, self.device, shards)
         if optimizer is not None:
+            # Before any reporter starts: a refused optimizer leaves nothing behind.
+            refuse_repeated_closure(optimizer)
             self._warn_params_outside(optimizer)
         n = self.layers.num_layers
         # auto bounds the step (tightens on frequent crossings) for SGD-type optimizers

@@ -111,8 +111,13 @@ def test_lbfgs_is_refused_at_attach_with_the_fix(tmp_path):
         gradwatch.attach(model, opt, run_dir=run_dir)
     assert not run_dir.exists()  # refused before the run record was started
     assert "step" not in opt.__dict__  # and its step is not wrapped
+    from gradwatch.run_record import RunRecorder
+
+    direct = tmp_path / "direct"
     with pytest.raises(ValueError, match="cannot gate LBFGS"):  # built directly too
-        GradMonitor(model, opt, config=gradwatch.MonitorConfig(nonfinite="zero"))
+        GradMonitor(model, opt, config=gradwatch.MonitorConfig(nonfinite="zero"),
+                    reporters=[RunRecorder(direct)])
+    assert not direct.exists()  # before its reporters started
 
 
 def test_sam_is_refused_at_attach_with_the_fix():
