@@ -3,6 +3,8 @@
 ``spawn(world, scenario, tmp_path)`` starts ``world`` processes that join one gloo
 group and run ``scenario(rank, world, tmp_path)``; each returns a dict of plain values
 and tensors, saved to ``tmp_path/rank{r}.pt`` and returned to the test in rank order.
+Each rank's output goes to ``tmp_path/rank{r}.log``; when a rank fails, the error
+quotes every rank's exit status and log.
 ``train(...)`` is the one training loop every scenario (and the single-process
 reference) runs, so the only difference between them is how the model is wrapped.
 """
@@ -10,8 +12,13 @@ reference) runs, so the only difference between them is how the model is wrapped
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
-import socket
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from typing import Any
 
 import torch
@@ -292,28 +299,131 @@ def replicated(rank: int, world: int, tmp: str) -> dict[str, Any]:
             "numel": [r["numel"] for r in monitor.layers.describe()]}
 
 
+def abort_on_rank_1(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """Rank 1 dies as a C++ abort would kill it, while rank 0 waits in a collective:
+    how the spawner reports a failed rank."""
+    if rank == 1:
+        os.abort()
+    dist.barrier()
+    return {}
+
+
 # ---------------------------------------------------------------------- spawning
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Each rank is a fresh interpreter (a subprocess), so what it prints, a C++ abort's
+# message and a faulthandler traceback included, lands in its own log, and the parent
+# reports every rank's exit status and log when one fails (rather than only
+# "process 0 terminated with signal SIGABRT").
+#
+# The ranks meet through a FileStore in the scenario's own directory: no TCP port is
+# picked, released and bound again by rank 0: that is a race with every other process
+# on the machine (two sessions given one port: one fails at init with EADDRINUSE, and
+# its rank 1 may first reach the other session's store). gloo's own listeners bind
+# port 0 and keep it; their addresses pass through this private store only.
+#
+# The timeout (rendezvous and each collective) is generous: on a loaded 2-core machine
+# one rank can lag the other by tens of seconds. A rank that dies is noticed by the
+# parent at once, which stops the others; the timeout only bounds a hang.
+TIMEOUT = datetime.timedelta(minutes=5)
+DEADLINE_S = 1200  # a whole scenario, as a last resort
+LOG_TAIL_LINES = 80
 
 
-def _entry(rank: int, world: int, port: int, name: str, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A short timeout: a collective that one rank never joins fails the test quickly.
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+class WorkerFailed(RuntimeError):
+    """A rank exited with an error or a signal, or the scenario ran past DEADLINE_S."""
+
+
+def _entry(rank: int, world: int, name: str, tmp: str, store: str) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent's hang dump
+    torch.set_num_threads(1)  # two ranks on two cores, beside whatever else runs
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank,
+                            world_size=world, timeout=TIMEOUT)
     try:
         result = globals()[name](rank, world, tmp)
-        torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+        path = os.path.join(tmp, f"rank{rank}.pt")
+        torch.save(result, path + ".partial")
+        os.replace(path + ".partial", path)  # the parent never reads half a file
     finally:
         dist.destroy_process_group()
+    print(f"rank {rank}: {name} done", flush=True)
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "still running (stopped)"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _tail(path: str) -> str:
+    with open(path, errors="replace") as f:
+        lines = f.read().splitlines()
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _stop(procs: list[subprocess.Popen]) -> list[int | None]:
+    """Dump the Python stacks of ranks still running, then end them; their exit codes
+    as they were before (``None``: was still running)."""
+    codes = [p.poll() for p in procs]
+    for p, c in zip(procs, codes):
+        if c is None:
+            p.send_signal(signal.SIGUSR1)
+    time.sleep(2)
+    for p, c in zip(procs, codes):
+        if c is None:
+            p.kill()
+            p.wait()
+    return codes
 
 
 def spawn(world: int, scenario: str, tmp: str) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
+    """Run ``scenario`` on ``world`` ranks; their results in rank order.
 
-    mp.spawn(_entry, args=(world, _free_port(), scenario, str(tmp)), nprocs=world, join=True)
+    Raises:
+        WorkerFailed: a rank failed (or the scenario hung): every rank's exit status
+            and the end of its log (``tmp/rank{r}.log``).
+    """
+    tmp = str(tmp)
+    store = os.path.join(tmp, f"rendezvous-{uuid.uuid4().hex}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(gradwatch.__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TORCH_SHOW_CPP_STACKTRACES": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(
+               [here, package, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    logs = [os.path.join(tmp, f"rank{r}.log") for r in range(world)]
+    procs = []
+    for rank, log in enumerate(logs):
+        code = (f"import dist_workers; "
+                f"dist_workers._entry({rank}, {world}, {scenario!r}, {tmp!r}, {store!r})")
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-X", "faulthandler", "-c", code], cwd=tmp, env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes):
+                break
+            failed = any(c not in (None, 0) for c in codes)
+            if failed or time.monotonic() > deadline:
+                if failed:  # let the others fail on their own: their errors are evidence
+                    grace = time.monotonic() + 10
+                    while time.monotonic() < grace and any(p.poll() is None for p in procs):
+                        time.sleep(0.2)
+                codes = _stop(procs)
+                what = "failed" if failed else f"ran past {DEADLINE_S} s"
+                report = "\n\n".join(
+                    f"--- rank {r}: {_status(c)}; end of {logs[r]}:\n{_tail(logs[r])}"
+                    for r, c in enumerate(codes))
+                raise WorkerFailed(f"scenario {scenario!r} on {world} ranks {what}:\n\n"
+                                   f"{report}")
+            time.sleep(0.2)
+    finally:
+        for p in procs:  # an interrupted test leaves no rank behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
             for r in range(world)]

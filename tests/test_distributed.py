@@ -167,3 +167,15 @@ def test_only_rank_0_records_and_reports(tmp_path):
     runs = os.listdir(tmp_path / "gradwatch_runs")
     assert len(runs) == 1 and r0["run_dir"] == str(tmp_path / "gradwatch_runs" / runs[0])
     assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))) == 1
+
+
+def test_a_rank_that_dies_is_reported_with_every_ranks_status_and_log(tmp_path):
+    # Rank 1 aborts (as a C++ abort would end it) while rank 0 waits in a barrier: the
+    # error names the signal and quotes rank 1's own log (faulthandler's traceback of
+    # the abort) and rank 0's, instead of only "process 1 terminated with SIGABRT".
+    with pytest.raises(w.WorkerFailed) as info:
+        w.spawn(2, "abort_on_rank_1", tmp_path)
+    report = str(info.value)
+    assert "rank 1: killed by SIGABRT" in report
+    assert "Fatal Python error: Aborted" in report and "in abort_on_rank_1" in report
+    assert "--- rank 0: " in report and "barrier" in report
