@@ -605,18 +605,24 @@ class GradMonitor:
         finally:
             self._lock.release()
 
-    def detach(self) -> None:
+    def detach(self, error: str | None = None) -> None:
         """Flush records, close the reporters and release the optimizer and the model.
 
         ``step()`` may not be called after. A monitor with reporters (the run record,
         W&B) is otherwise kept alive until interpreter exit, where it is flushed (after
         a step in flight in another thread; a step there after that records nothing).
+
+        Args:
+            error: the type name of an exception that ended training and was caught
+                (a framework's exception hook, a notebook cell): the reporters close the
+                run as crashed with it. By default a run is recorded as crashed only at
+                interpreter exit after an uncaught exception.
         """
         with self._lock:  # after a step in flight in another thread, never within it
             if not self._attached:
                 return
             self.flush()
-            self._reporters.call("close", self._exit_error)
+            self._reporters.call("close", error if error is not None else self._exit_error)
             if self._gate is not None:
                 self._gate.remove()
                 self._gate = None

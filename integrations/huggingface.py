@@ -9,6 +9,15 @@ reports. The monitor's state is written into every Trainer checkpoint
 (``gradwatch_state.pt``) and read back on ``resume_from_checkpoint`` from
 ``output_dir/checkpoint-<step>``; a checkpoint elsewhere is named with ``resume_from=``
 (the Trainer does not tell callbacks where it resumed from).
+
+Each ``train()`` ends the monitor's session at ``on_train_end`` (the run record is
+written and marked finished). The same callback in a later ``train()`` continues the
+same run: a monitor restored from the last one's state records into the same run
+directory, its steps numbered on (a checkpoint resumed from is restored instead).
+``callback.monitor`` is the current ``train()``'s monitor; its in-memory tables start
+there, the run record holds them all. The Trainer has no exception hook for callbacks:
+a ``train()`` that raises and is caught leaves the record ``running`` until the next
+``train()`` with this callback continues it, or the interpreter exits.
 """
 
 from __future__ import annotations
@@ -56,8 +65,6 @@ class GradWatchTrainerCallback(TrainerCallback):
         self.monitor: gradwatch.GradMonitor | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.monitor is not None:
-            return
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             raise ValueError(
                 f"TrainingArguments(max_grad_norm={args.max_grad_norm!r}): the Trainer clips "
@@ -73,11 +80,20 @@ class GradWatchTrainerCallback(TrainerCallback):
             wandb = self.wandb
             if wandb == "auto":
                 wandb = self._trainer_wandb(args)
+        # A later train() continues the last one's run: its state and its run directory.
+        carried, run_dir = None, self.run_dir if main else False
+        previous = self.monitor
+        if previous is not None:
+            previous.detach()  # already, unless its train() raised
+            carried = previous.state_dict()
+            run_dir = previous.run_dir if previous.run_dir is not None else False
         self.monitor = gradwatch.attach(
             model, inner,
             scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
-            config=self.config, run_dir=self.run_dir if main else False, wandb=wandb,
+            config=self.config, run_dir=run_dir, wandb=wandb,
         )
+        if carried is not None and state.global_step == 0:
+            self.monitor.load_state_dict(carried)
         if state.global_step > 0:  # resumed: the checkpoint it resumed from holds our state
             folder = self.resume_from or os.path.join(
                 args.output_dir, f"checkpoint-{state.global_step}")

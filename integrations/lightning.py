@@ -7,6 +7,14 @@ clipping, so a Trainer that also clips (``gradient_clip_val``) is refused with t
 With a ``WandbLogger`` the monitor logs into that logger's run; only global rank 0
 reports. The monitor's state travels in Trainer checkpoints through the callback's
 ``state_dict``, so ``Trainer.fit(ckpt_path=...)`` resumes with the same statistics.
+
+Each ``fit`` ends the monitor's session: at ``on_train_end`` the run record is written
+and marked finished; a ``fit`` that raises (``on_exception``) marks it crashed with the
+exception's type, even when the caller catches it. The same callback in a later ``fit``
+continues the same run: a monitor for that fit's optimizer, restored from the last
+one's state, records into the same run directory, its steps numbered on (a checkpoint
+given with ``ckpt_path`` is restored instead). ``callback.monitor`` is the current
+fit's monitor; its in-memory tables start at that fit, the run record holds them all.
 """
 
 from __future__ import annotations
@@ -55,10 +63,12 @@ class GradWatchCallback(pl.Callback):
         self.wandb = wandb
         self.monitor: gradwatch.GradMonitor | None = None
         self._pending_state: dict[str, Any] | None = None
+        # The monitor is stepping: made at on_train_start, ended with its fit.
+        self._live = False
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.monitor is not None:
+        if stage != "fit":
             return
         clip = trainer.gradient_clip_val
         if clip is not None and clip > 0:
@@ -76,8 +86,6 @@ class GradWatchCallback(pl.Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is not None:
-            return
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
             raise ValueError(
@@ -105,39 +113,59 @@ class GradWatchCallback(pl.Callback):
             if wandb == "auto":
                 wandb = self._wandb_from_loggers(trainer)
         others = [lg for lg in trainer.loggers if type(lg).__name__ != "WandbLogger"]
+        # A later fit continues the last one's run: its state and its run directory.
+        state, run_dir = self._pending_state, self.run_dir if rank_zero else False
+        previous = self.monitor
+        if previous is not None:
+            previous.detach()  # already, unless its fit ended without a hook
+            if state is None:
+                state = previous.state_dict()
+            run_dir = previous.run_dir if previous.run_dir is not None else False
         self.monitor = gradwatch.attach(
             pl_module,
             gated,
             scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
             config=self.config,
-            run_dir=self.run_dir if rank_zero else False,
+            run_dir=run_dir,
             wandb=wandb,
             reporters=[LoggerReporter(others)] if rank_zero and others else (),
         )
-        if self._pending_state is not None:
-            self.monitor.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self._live = True
+        self._pending_state = None
+        if state is not None:
+            self.monitor.load_state_dict(state)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if self.monitor is not None:
+        if self._live and self.monitor is not None:
             self.monitor.step()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is not None:
-            self.monitor.detach()
+        self._end()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Also when the caller catches it (a notebook): the record holds every step
+        # measured and says the fit crashed, and how.
+        self._end(type(exception).__name__)
+
+    def _end(self, error: str | None = None) -> None:
+        if self.monitor is not None and self._live:
+            self._live = False
+            self.monitor.detach(error=error)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        if self.monitor is not None:
-            return self.monitor.state_dict()
-        return dict(self._pending_state or {})
+        if self._pending_state is not None:  # what the next fit starts from
+            return dict(self._pending_state)
+        return self.monitor.state_dict() if self.monitor is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if self.monitor is not None:
+        if self._live and self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:  # restored before training starts: applied when the monitor is made
             self._pending_state = state_dict

@@ -424,3 +424,79 @@ def test_accelerate_resume_gives_the_same_decisions(tmp_path, fresh_accelerate_s
     resumed = run(resume=True)
     events = _assert_same_decisions(full, resumed, CKPT_STEP, RESUME_STEPS)
     assert events == [(s, "explosion") for s in RESUME_SPIKES]
+
+
+# ------------------------------------------------------------ lifecycle: train() again
+FIT_STEPS = 10  # optimizer steps in an epoch of _fit_data()
+
+
+def _fit_data():
+    # Bad labels in the second micro-batch of step 7 of every epoch.
+    return Data(FIT_STEPS * ACCUMULATE * 8, spikes=_rows_of_step(7))
+
+
+def test_a_second_train_continues_the_run(tmp_path):
+    from gradwatch.run_record import load_run
+
+    def trainer(folder, steps, gw, model=None):
+        args = _args(folder, steps, train_sampling_strategy="sequential")
+        return transformers.Trainer(model=model or TinyRegressor(), args=args,
+                                    train_dataset=_fit_data(), callbacks=[gw])
+
+    options = dict(log_every=4, warmup_steps=5)
+    full = GradWatchTrainerCallback(run_dir=tmp_path / "full", **options)
+    trainer(tmp_path / "a", 2 * FIT_STEPS, full).train()
+
+    # train() twice on the same Trainer: the same batches in the same order as one
+    # train() of both (an epoch is FIT_STEPS steps, SGD keeps no state).
+    gw = GradWatchTrainerCallback(run_dir=tmp_path / "run", **options)
+    same = trainer(tmp_path / "b", FIT_STEPS, gw)
+    same.train()
+    first = gw.monitor
+    assert load_run(tmp_path / "run").meta["status"] == "finished"
+    same.train()
+
+    run = load_run(tmp_path / "run")
+    assert list(run.steps.step) == list(range(2 * FIT_STEPS))
+    assert run.meta["status"] == "finished" and "error" not in run.meta
+    assert [s["first_step"] for s in run.meta["sessions"]] == [0, FIT_STEPS]
+    assert gw.monitor is not first and gw.monitor.num_steps == 2 * FIT_STEPS
+    # The statistics went on from the first train(): no second warm-up.
+    a = full.monitor.steps()
+    assert list(run.steps.action) == list(a.action)
+    assert run.steps.threshold.values == pytest.approx(a.threshold.values, rel=1e-5,
+                                                       nan_ok=True)
+    assert run.steps.global_norm.values == pytest.approx(a.global_norm.values, rel=1e-5)
+    assert list(run.events.step) == list(full.monitor.events().step) == [7, 17]
+
+    # A second Trainer with the same callback (and model) goes on the same way.
+    trainer(tmp_path / "c", 3, gw, model=same.model).train()
+    run = load_run(tmp_path / "run")
+    assert list(run.steps.step) == list(range(2 * FIT_STEPS + 3))
+    assert run.meta["status"] == "finished"
+
+
+class Failing(TinyRegressor):
+    def forward(self, x, labels):
+        if self.training and self.calls == self.fail_call:
+            self.calls += 1
+            raise FloatingPointError("the loss diverged")
+        return super().forward(x, labels)
+
+
+def test_a_train_after_one_that_raised_continues_the_run(tmp_path):
+    from gradwatch.run_record import load_run
+
+    model = Failing()
+    model.fail_call = 7 * ACCUMULATE  # the first micro-batch of optimizer step 7
+    gw = GradWatchTrainerCallback(run_dir=tmp_path / "run", log_every=4)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 20),
+                                   train_dataset=Data(800), callbacks=[gw])
+    with pytest.raises(FloatingPointError, match="the loss diverged"):
+        trainer.train()  # caught, as in a notebook
+    # The Trainer has no exception hook for callbacks: the record says running.
+    assert load_run(tmp_path / "run").meta["status"] == "running"
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    assert list(run.steps.step) == list(range(7 + 20))
+    assert run.meta["status"] == "finished"
