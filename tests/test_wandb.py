@@ -38,7 +38,24 @@ def _train(monitor, model, opt, steps, plan=None, host_run=None):
 
 
 def _gradwatch_rows(run):
-    return [h for h in run.history if "gradwatch/global_norm" in h]
+    """The per-step rows (histograms travel in rows of their own)."""
+    return [h for h in run.history if "gradwatch/actions/none" in h]
+
+
+def _logged_keys(run, prefix="gradwatch/"):
+    """The keys logged under ``prefix`` (a histogram's parts folded into its key)."""
+    keys = set()
+    for h in run.history:
+        for k in h:
+            if k.startswith(prefix):
+                hist = "/norm_hist/" in k or "/value_hist/" in k
+                keys.add(k.rsplit("/", 1)[0] if hist else k)
+    return keys
+
+
+def _step_metrics(run):
+    """``{key: step_metric}`` of every metric declared by its exact name."""
+    return {m.name: m.step_metric for m in run.metrics if m.name}
 
 
 def test_metrics_histograms_config_and_no_lost_rows():
@@ -73,9 +90,13 @@ def test_metrics_histograms_config_and_no_lost_rows():
     assert rows[60]["gradwatch/flagged_z/2"] == pytest.approx(
         hist.query("step == 60 and layer == '2'").z.item(), rel=1e-6
     )
-    # Our step metric is declared, so gradwatch/* charts use gradwatch/step.
+    # Our step metric is declared, and every key is bound to it by its exact name.
     declared = {(m.glob_name or m.name, m.step_metric) for m in run.metrics}
     assert ("gradwatch/*", "gradwatch/step") in declared
+    bound = _step_metrics(run)
+    logged = _logged_keys(run)
+    assert "gradwatch/grad_norm/4" in logged and "gradwatch/norm_hist/0" in logged
+    assert logged - {"gradwatch/step"} <= {k for k, v in bound.items() if v == "gradwatch/step"}
     assert run.config["gradwatch"]["clip"] == "auto"
 
     # Histograms at steps 0, 25, 50, 75: value counts cover every element of layer 2,
@@ -88,11 +109,22 @@ def test_metrics_histograms_config_and_no_lost_rows():
         bins = h["gradwatch/value_hist/2/bins"]
         assert len(bins) == 65 and bins[0] == pytest.approx(-bins[-1])
     # (the window holds the steps before the histogram's step: none yet at step 0)
+    # ... and once more when the run closes, labelled with its last step.
     norm_rows = [h for h in run.history if "gradwatch/norm_hist/0/values" in h]
-    assert [h["gradwatch/step"] for h in norm_rows] == [25, 50, 75]
-    assert [sum(h["gradwatch/norm_hist/0/values"]) for h in norm_rows] == [25, 50, 75]
+    assert [h["gradwatch/step"] for h in norm_rows] == [25, 50, 75, 79]
+    assert [sum(h["gradwatch/norm_hist/0/values"]) for h in norm_rows] == [25, 50, 75, 80]
 
     summary = run.summary
+    # Norms and z-scores are summarised by their maximum, not their last value.
+    layer2 = hist.query("layer == '2'")
+    assert summary["gradwatch/global_norm"] == {"max": pytest.approx(steps.global_norm.max())}
+    assert summary["gradwatch/clipped_norm"] == {"max": pytest.approx(steps.clipped_norm.max())}
+    assert summary["gradwatch/z"] == {"max": pytest.approx(steps.z.max())}
+    assert summary["gradwatch/grad_norm/2"] == {"max": pytest.approx(layer2.grad_norm.max())}
+    assert summary["gradwatch/flagged_z/2"] == {
+        "max": pytest.approx(layer2[layer2.flagged].z.max())}
+    assert steps.global_norm.max() > steps.global_norm.iloc[-1]  # not the last value
+    assert not isinstance(summary["gradwatch/typical_norm"], dict)  # last value
     assert summary["gradwatch/total_steps"] == 80
     assert summary["gradwatch/events/explosion"] == 1
     assert summary["gradwatch/worst_layer"] == "2"
@@ -100,6 +132,29 @@ def test_metrics_histograms_config_and_no_lost_rows():
     assert summary["gradwatch/clip_rate"] == pytest.approx(
         (steps.action != "none").mean(), rel=1e-6
     )
+
+
+def test_a_short_run_has_histograms_after_warm_up_and_at_the_end():
+    # 40 steps, far fewer than hist_every: histograms still reach W&B at the first
+    # flush after warm-up (step 25, flushed at 29) and when the run closes (step 39).
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    reporter = WandbReporter(hist_every=500, value_hist_layers=["2"],
+                             init_kwargs={"project": "gradwatch-tests"})
+    monitor = gradwatch.attach(model, opt, run_dir=False, log_every=10, wandb=reporter)
+    _train(monitor, model, opt, 40)
+    monitor.detach()
+    run = wait_for_exit(reporter.run.settings.sync_file)
+    norm_rows = [h for h in run.history if "gradwatch/norm_hist/0/values" in h]
+    assert [h["gradwatch/step"] for h in norm_rows] == [25, 39]
+    assert [sum(h["gradwatch/norm_hist/0/values"]) for h in norm_rows] == [25, 40]
+    value_rows = [h for h in run.history if "gradwatch/value_hist/2/values" in h]
+    assert [h["gradwatch/step"] for h in value_rows] == [0, 25]  # values: not at close
+    # The warm-up histograms travel with the chunk of steps 20-29 (the first flush
+    # after warm-up), logged right after step 25's row.
+    order = [h.get("gradwatch/step") for h in run.history if "gradwatch/step" in h]
+    assert order[25:29] == [24, 25, 25, 26]  # (after 0, 0: the histograms at step 0)
 
 
 def test_alerts_are_readable_and_rate_limited():
@@ -115,19 +170,31 @@ def test_alerts_are_readable_and_rate_limited():
     _train(monitor, model, opt, 80, spikes)
     monitor.detach()  # gradwatch started this run, so it finishes it
     run = wait_for_exit(reporter.run.settings.sync_file)
+    # W&B groups alerts by title: the step is in the text, never in the title.
     assert [a["title"] for a in run.alerts] == [
-        "gradwatch: gradient explosion at step 40",
-        "gradwatch: NaN/Inf gradients at step 60",
+        "gradwatch: gradient explosion",
+        "gradwatch: NaN/Inf gradients",
+        "gradwatch: alerts held back",
     ]
-    explosion, nonfinite = run.alerts
+    explosion, nonfinite, held = run.alerts
     assert all(len(a["title"]) < 64 for a in run.alerts)
-    assert "layer 2" in explosion["text"] and "clip_norm" in explosion["text"]
+    assert explosion["text"].startswith("Step 40, layer 2, action clip_norm.")
     assert explosion["level"] == "WARN" and nonfinite["level"] == "ERROR"
-    assert "layer 0" in nonfinite["text"] and "skip" in nonfinite["text"]
+    assert nonfinite["text"].startswith("Step 60, layer 0, action skip.")
+    # What the rate limit held back (explosions at 45, 50, 55; NaN at 65) is told at
+    # the end of the run, in one alert and in the summary.
+    assert "3 gradient explosion event(s), the last at step 55" in held["text"]
+    assert "1 NaN/Inf gradients event(s), the last at step 65" in held["text"]
+    assert held["level"] == "ERROR"
     assert run.summary["gradwatch/events/explosion"] == 4
-    assert run.summary["gradwatch/alerts_sent"] == 2
-    # Non-finite values reach the history as NaN, without breaking the run.
-    assert math.isnan(_gradwatch_rows(run)[60]["gradwatch/global_norm"])
+    assert run.summary["gradwatch/alerts_sent"] == 3
+    assert run.summary["gradwatch/alerts_held_back"] == 4
+    # A non-finite step's row is logged, without breaking the run; its non-finite
+    # norms are left out (W&B's max summary would stay NaN for good).
+    row = _gradwatch_rows(run)[60]
+    assert row["gradwatch/nonfinite"] == 1 and "gradwatch/global_norm" not in row
+    finite = monitor.steps().global_norm.dropna()
+    assert run.summary["gradwatch/global_norm"] == {"max": pytest.approx(finite.max())}
 
 
 def test_suppressed_alerts_are_counted_into_the_next_one(monkeypatch):
@@ -147,8 +214,13 @@ def test_suppressed_alerts_are_counted_into_the_next_one(monkeypatch):
     run = wait_for_exit(reporter.run.settings.sync_file)
     # Checks at t=0, 100, 200, 300, 400 s: alerts at 0 and 300; the two in between
     # are counted into the second one.
-    assert [a["title"][-2:] for a in run.alerts] == ["40", "46"]
+    assert [a["text"][:8] for a in run.alerts[:2]] == ["Step 40,", "Step 46,"]
     assert "2 more explosion event(s) since the last alert" in run.alerts[1]["text"]
+    # The one at 48 (t=400 s) is held back when the run ends, and told then.
+    assert run.alerts[2]["title"] == "gradwatch: alerts held back"
+    assert "1 gradient explosion event(s), the last at step 48" in run.alerts[2]["text"]
+    assert run.alerts[2]["level"] == "WARN"
+    assert run.summary["gradwatch/alerts_held_back"] == 3
 
 
 def test_failing_wandb_warns_once_and_training_continues(tmp_path):
@@ -336,7 +408,7 @@ def test_a_drift_is_alerted_and_logged():
     monitor.detach()
     run = wait_for_exit(reporter.run.settings.sync_file)
     drift = [a for a in run.alerts if "gradient norm rising" in a["title"]]
-    assert len(drift) == 1 and drift[0]["title"].endswith(f"at step {step}")
+    assert len(drift) == 1 and drift[0]["text"].startswith(f"Step {step},")
     assert "rising x1." in drift[0]["text"] and "since step" in drift[0]["text"]
     assert sum(h.get("gradwatch/drift", 0) for h in _gradwatch_rows(run)) == 1
     assert run.summary["gradwatch/events/drift"] == 1
