@@ -68,5 +68,7 @@ class GradWatchAccelerate:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state)
 
-    def detach(self) -> None:
-        self.monitor.detach()
+    def detach(self, error: str | None = None) -> None:
+        """As :meth:`gradwatch.GradMonitor.detach`: ``error`` (an exception's type, say)
+        closes the run record as crashed."""
+        self.monitor.detach(error)
