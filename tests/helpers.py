@@ -115,3 +115,17 @@ class SyncCounter(TorchDispatchMode):
             ):
                 self.syncs.append(f"{func} device->host")
         return func(*args, **(kwargs or {}))
+
+
+def assert_record_decides_as(run, monitor) -> None:
+    """The run record ``run`` (``load_run``) holds the decisions, thresholds, norms and
+    events of ``monitor``, a run never interrupted: statistics carried over, not a
+    second warm-up."""
+    import pytest
+
+    a = monitor.steps()
+    assert list(run.steps.action) == list(a.action)
+    assert run.steps.threshold.values == pytest.approx(a.threshold.values, rel=1e-5,
+                                                       nan_ok=True)
+    assert run.steps.global_norm.values == pytest.approx(a.global_norm.values, rel=1e-5)
+    assert list(run.events.step) == list(monitor.events().step)
