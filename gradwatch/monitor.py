@@ -33,7 +33,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,7 @@ class GradMonitor:
         self._warned_repeat = False
         self._warned_no_grads = False
         self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
+        self._nan = torch.full((), math.nan, device=self.device)  # a step field not given
         self._probes: list[tuple[Any, int]] = []
         self._reporters = ReporterSet()
         self._gate: OptimizerGate | None = None
@@ -209,7 +210,7 @@ class GradMonitor:
         self._editor.host_branches = value
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> StepResult:
+    def step(self, loss: Tensor | float | None = None) -> StepResult:
         """Measure, update statistics, detect and clip the current gradients in place.
 
         Call once per optimizer step, after gradients are final (after gradient
@@ -227,8 +228,23 @@ class GradMonitor:
         Steps, flushes and :meth:`detach` are serialised, so the exit hook closes the
         records after a step in flight in another thread.
 
+        Beside the gradients, each step records its training context: ``loss`` (as
+        given) and ``lr``, the learning rate of the optimizer's first parameter group
+        (NaN without an optimizer). Both go into the step's row on the device, never
+        read on the host here, and are stored as fp32 like the rest of the row.
+
+        Args:
+            loss: this optimizer step's loss, as the device tensor it is (any shape
+                holding one element; it is detached and taken as fp32) or a Python
+                number. With gradient accumulation, pass whatever summarises the
+                micro-batches (their sum or mean). ``None``: recorded as NaN.
+
         Returns:
             A :class:`StepResult` (its values stay on the device until read).
+
+        Raises:
+            TypeError: ``loss`` is neither a tensor nor a real number.
+            ValueError: ``loss`` is a tensor of more than one element.
         """
         with self._lock:
             if not self._attached:
@@ -244,6 +260,7 @@ class GradMonitor:
                 raise RuntimeError(
                     "this monitor was detached; attach a new one with gradwatch.attach")
             self._check_ready()
+            context = {"loss": self._loss_value(loss), "lr": self._lr_value()}
             unstepped = self._gate is not None and self._armed is not None and (
                 self._gate._flag is self._armed)  # not consumed: no optimizer.step() since
             with torch.no_grad():
@@ -255,10 +272,50 @@ class GradMonitor:
                 decision = self._policy.apply_(m, d, decision, self._editor)
                 skip_z, skipped = self._skip_(m, d)
                 self._detector.update(m, d, self._step)
-                result = self._record(m, d, decision, skip_z, skipped)
+                result = self._record(m, d, decision, skip_z, skipped, context)
             # After this step's own edits (clipping bumps the versions).
             self._seen = (m.plan.positions, [(weakref.ref(g), g._version) for g in m.grads])
             return result
+
+    def _loss_value(self, loss: Tensor | float | None) -> Tensor:
+        """``loss`` as a 0-dim fp32 tensor on the monitor's device, without reading it
+        on the host (NaN for ``None``)."""
+        if loss is None:
+            return self._nan
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:  # metadata only: no device read
+                raise ValueError(
+                    f"monitor.step(loss=...) got a tensor of shape {tuple(loss.shape)}; "
+                    "pass the scalar loss (reduce it first, e.g. loss.mean())"
+                )
+            # Same device: a queued copy. A loss on the CPU beside an accelerator model
+            # is copied without waiting (non_blocking: the value is staged at once).
+            return loss.detach().reshape(()).to(self.device, torch.float32,
+                                                non_blocking=loss.device.type == "cpu")
+        if isinstance(loss, Real) and not isinstance(loss, bool):
+            return self._scalar(float(loss))
+        raise TypeError(
+            f"monitor.step(loss={type(loss).__name__}): expected the loss as a tensor or "
+            "a number, or None"
+        )
+
+    def _lr_value(self) -> Tensor:
+        """The learning rate of the optimizer's first parameter group as a 0-dim fp32
+        device tensor (NaN without one). Usually a Python float, filled into a tensor
+        by a kernel argument (no copy); a tensor learning rate is taken as it is."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else ()
+        lr = groups[0].get("lr") if groups else None
+        if isinstance(lr, Tensor) and lr.numel() == 1:
+            return lr.detach().reshape(()).to(self.device, torch.float32,
+                                              non_blocking=lr.device.type == "cpu")
+        if isinstance(lr, Real) and not isinstance(lr, bool):
+            return self._scalar(float(lr))
+        return self._nan
+
+    def _scalar(self, value: float) -> Tensor:
+        # torch.full passes the value as a kernel argument: no host-to-device copy,
+        # which for pageable memory would wait for the device.
+        return torch.full((), value, dtype=torch.float32, device=self.device)
 
     def _check_fresh(self, m: Measurement, unstepped: bool) -> None:
         """Warn (once) where this step measures no new gradients: no gradient at all
@@ -384,7 +441,7 @@ class GradMonitor:
         return skip_z, skipped
 
     def _record(self, m: Measurement, d: Detection, decision: Decision, skip_z: Tensor,
-                skipped: Tensor) -> StepResult:
+                skipped: Tensor, context: dict[str, Tensor]) -> StepResult:
         """Write the step's row into the device buffer; flush every ``log_every``."""
         n, present, nonfinite = self.layers.num_layers, m.present, m.nonfinite
         action = torch.where(
@@ -411,6 +468,7 @@ class GradMonitor:
                 "drift_steps": d.drift_steps,
                 "drift_growth": d.drift_growth,
                 "bounding": d.bounding,
+                **context,  # loss, lr
             },
             {
                 "grad_norm": torch.where(present, m.layer_norm, math.nan),
@@ -491,7 +549,13 @@ class GradMonitor:
         return self._history.layer_table()
 
     def steps(self):
-        """Per-step model-level records as a pandas DataFrame (one row per step)."""
+        """Per-step model-level records as a pandas DataFrame (one row per step).
+
+        Columns: ``step``, then the fields of :data:`gradwatch.rows.STEP_FIELDS`,
+        ending with the training context: ``loss`` (as passed to :meth:`step`, NaN where
+        none was) and ``lr`` (the first parameter group's, NaN without an optimizer),
+        both fp32.
+        """
         self.flush()
         return self._history.step_table()
 

@@ -37,7 +37,13 @@ STEP_FIELDS = (
     "drift_steps",  # how many steps ago the rise began (at a drift alarm)
     "drift_growth",  # the model norm's estimated growth per step since then
     "bounding",  # 1.0 if the step is bounded (SGD-type optimizer, run unstable)
+    # The training context, last so that older records hold a prefix of these columns:
+    "loss",  # the loss passed to step(loss=...); NaN if none
+    "lr",  # the learning rate of the optimizer's first parameter group; NaN if none
 )
+# Step fields added after the first run records were written: a record without them
+# loads with NaN there (see gradwatch.run_record).
+LATER_STEP_FIELDS = ("loss", "lr")
 LAYER_FIELDS = (
     "grad_norm",
     "clipped_norm",
@@ -54,6 +60,8 @@ LAYER_FIELDS = (
 )
 # Step-level values that trackers receive as they are (the rest are flags or codes).
 METRIC_FIELDS = ("global_norm", "clipped_norm", "threshold", "z", "typical_norm", "coef")
+# The training context: sent only where recorded (NaN means "not given").
+CONTEXT_FIELDS = ("loss", "lr")
 
 
 class RowLayout:
@@ -89,14 +97,16 @@ def row_metrics(layout: RowLayout, layer_names: Sequence[str], row: np.ndarray,
     """A host row as the ``{key: value}`` metrics every tracker logs.
 
     Keys: ``global_norm``, ``clipped_norm``, ``threshold``, ``z``, ``typical_norm``,
-    ``coef`` (floats); ``action`` (one of :data:`ACTIONS`); ``clipped``, ``skipped``,
-    ``explosion``, ``nonfinite``, ``drift``, ``bounding`` (0 or 1); ``grad_norm/<layer>`` for every layer with
-    a gradient (unless ``layer_norms`` is false) and ``flagged_z/<layer>`` for every
-    layer beyond its event threshold.
+    ``coef`` (floats); ``loss`` and ``lr`` (floats, only where recorded: a NaN there
+    means none was given, and is left out); ``action`` (one of :data:`ACTIONS`);
+    ``clipped``, ``skipped``, ``explosion``, ``nonfinite``, ``drift``, ``bounding`` (0 or
+    1); ``grad_norm/<layer>`` for every layer with a gradient (unless ``layer_norms`` is
+    false) and ``flagged_z/<layer>`` for every layer beyond its event threshold.
     """
     s = layout.step_values(row)
     action = ACTIONS[int(s["action"])]
     out: dict[str, Any] = {name: s[name] for name in METRIC_FIELDS}
+    out.update((name, s[name]) for name in CONTEXT_FIELDS if not math.isnan(s[name]))
     out["action"] = action
     out["clipped"] = int(action in ("clip_norm", "clip_value"))
     out["skipped"] = int(action == "skip")

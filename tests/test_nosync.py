@@ -66,8 +66,9 @@ def test_step_has_no_host_sync_between_logging_steps(options, optimizer):
         if t == 30:
             model[0].weight.grad[0, 0] = float("nan")
         logging_step = (t + 1) % 10 == 0
+        loss = torch.full((1,), 1.0 + t, requires_grad=True) * 2  # as a training step's
         with SyncCounter() as in_monitor:
-            monitor.step()
+            monitor.step(loss=loss)
         if not logging_step:
             assert in_monitor.syncs == [], f"step {t}: {in_monitor.syncs}"
         if opt is not None:
@@ -79,9 +80,39 @@ def test_step_has_no_host_sync_between_logging_steps(options, optimizer):
                 assert in_optimizer.syncs == [], f"optimizer step {t}: {in_optimizer.syncs}"
         if opt is not None:
             opt.zero_grad()
-    assert len(monitor.steps()) == 40
+    steps = monitor.steps()
+    assert len(steps) == 40
+    assert steps["loss"].tolist() == [2.0 * (1 + t) for t in range(40)]
     kinds = set(monitor.events().kind)
     assert "nonfinite" in kinds
+
+
+@pytest.mark.parametrize("lr", ["float", "tensor"])
+@pytest.mark.parametrize("loss", ["0-dim", "bf16", "number", "none"])
+def test_loss_and_lr_are_recorded_without_a_host_sync(loss, lr):
+    """The training context rides in the step's device row: neither a loss tensor (of
+    any dtype) nor a learning rate held as a tensor is read on the host."""
+    model = mlp()
+    rate = torch.tensor(0.01) if lr == "tensor" else 0.01
+    opt = torch.optim.Adam(model.parameters(), lr=rate, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    monitor = gradwatch.attach(model, opt, log_every=10, run_dir=False)
+    monitor._host_branches = False  # the accelerator path
+    stream = GradStream(model)
+    given = []
+    for t in range(5):
+        stream.write()
+        value = {"0-dim": torch.tensor(0.5 * t), "bf16": torch.tensor([[0.5 * t]]).bfloat16(),
+                 "number": 0.5 * t, "none": None}[loss]
+        given.append(float("nan") if value is None else 0.5 * t)
+        with SyncCounter() as in_monitor:
+            monitor.step(loss=value)
+        assert in_monitor.syncs == [], f"step {t}: {in_monitor.syncs}"
+        opt.step()
+        sched.step()
+    steps = monitor.steps()
+    assert steps["loss"].tolist() == pytest.approx(given, nan_ok=True)
+    assert steps["lr"].tolist() == pytest.approx([0.01 / (1 + t) for t in range(5)], rel=1e-6)
 
 
 def test_nonfused_optimizer_pays_one_scalar_sync_in_its_step_only():
