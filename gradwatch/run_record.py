@@ -21,7 +21,9 @@ monitor resumes is known once a state is loaded or its first records arrive, and
 then nothing is written there. A fresh run is refused (:class:`RunDirError`).
 
 Each part holds exactly the columns the recorder writes; :func:`load_run` refuses any
-other file named like a part.
+other file named like a part. The steps parts of runs recorded before the training
+context (``loss``, ``lr``) was kept lack exactly those two columns: they load with NaN
+there.
 """
 
 from __future__ import annotations
@@ -390,6 +392,9 @@ def _read_part(path: Path, table: str, layer_names: list[str]):
             f"{path}: truncated or not a Parquet file ({type(err).__name__})"
         ) from None
     expected = _columns(table)
+    if list(frame.columns) in _earlier_columns(table):
+        # Written before the newer optional columns existed: NaN there ("not recorded").
+        frame = frame.reindex(columns=expected)
     if list(frame.columns) != expected:
         missing = [c for c in expected if c not in frame.columns]
         extra = [str(c) for c in frame.columns if c not in expected]
@@ -453,6 +458,16 @@ def _columns(table: str) -> list[str]:
     if table == "layers":
         return ["step", "layer", *[f for f in LAYER_FIELDS if f != "present"]]
     return list(EVENT_COLUMNS)
+
+
+def _earlier_columns(table: str) -> list[list[str]]:
+    """The columns earlier recorders wrote into ``table`` that still load (the newer
+    ones filled with NaN): the steps before ``loss`` and ``lr`` were recorded."""
+    from .rows import LATER_STEP_FIELDS
+
+    if table != "steps":
+        return []
+    return [[c for c in _columns(table) if c not in LATER_STEP_FIELDS]]
 
 
 def _empty(table: str):

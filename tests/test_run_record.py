@@ -549,7 +549,9 @@ def _plant(run, kind):
     real = pd.read_parquet(sorted((run / "steps").glob("part-*.parquet"))[0])
     target = run / ("layers" if kind == "unknown_layer" else "steps") / name
     if kind == "foreign":
-        pd.DataFrame({"loss": [0.5, 0.4]}).to_parquet(target)
+        pd.DataFrame({"val_loss": [0.5, 0.4]}).to_parquet(target)
+    elif kind == "missing_lr":  # of the newer columns, one only: no writer did that
+        real.assign(step=real.step + 20).drop(columns=["lr"]).to_parquet(target)
     elif kind == "extra_column":
         real.assign(step=real.step + 20, note="x").to_parquet(target)
     elif kind == "nan_step":
@@ -567,7 +569,8 @@ def _plant(run, kind):
 
 PLANTED = [
     ("foreign", r"not a gradwatch steps part \(lacks 'step', 'global_norm', 'clipped_norm', "
-                r"'threshold', 'action' and \d+ more; has unexpected 'loss'\)"),
+                r"'threshold', 'action' and \d+ more; has unexpected 'val_loss'\)"),
+    ("missing_lr", r"not a gradwatch steps part \(lacks 'lr'\)"),
     ("extra_column", r"not a gradwatch steps part \(has unexpected 'note'\)"),
     ("nan_step", r"not a gradwatch steps part \(column 'step' is float64, not integers\)"),
     ("text_norm", r"not a gradwatch steps part \(column 'global_norm' is \w+, not numbers\)"),
@@ -616,3 +619,54 @@ def test_cli_summary_of_a_healthy_run_still_works(recorded, capsys):
 
     assert main(["summary", str(recorded)]) == 0
     assert "steps" in capsys.readouterr().out
+
+
+def test_loss_and_lr_round_trip_through_the_record(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    monitor = gradwatch.attach(model, opt, run_dir=tmp_path / "run", log_every=5, flush_every=5)
+    stream = GradStream(model)
+    for t in range(12):
+        stream.write()
+        monitor.step(loss=None if t == 7 else torch.tensor(1.0 / (t + 1)))
+        opt.step()
+        sched.step()
+    monitor.detach()
+    run = load_run(tmp_path / "run")
+    pd.testing.assert_frame_equal(run.steps, monitor.steps(), check_dtype=False,
+                                  check_categorical=False)
+    want_loss = [float(torch.tensor(1.0 / (t + 1))) for t in range(12)]
+    want_loss[7] = float("nan")
+    assert run.steps["loss"].tolist() == pytest.approx(want_loss, rel=1e-6, nan_ok=True)
+    assert run.steps["lr"].tolist() == pytest.approx([0.1 * 0.5 ** (t // 4) for t in range(12)],
+                                                     rel=1e-6)
+
+
+def test_a_record_from_before_loss_and_lr_loads_with_nan_there(recorded):
+    """Runs recorded before the training context was kept lack exactly the ``loss`` and
+    ``lr`` columns: they load, NaN there, and so does their report."""
+    from gradwatch.report import export_report
+
+    for part in (recorded / "steps").glob("part-*.parquet"):
+        pd.read_parquet(part).drop(columns=["loss", "lr"]).to_parquet(part, index=False)
+    run = load_run(recorded)
+    assert list(run.steps.columns) == run_record._columns("steps")
+    assert len(run.steps) == 20
+    assert run.steps["loss"].isna().all() and run.steps["lr"].isna().all()
+    html = export_report(recorded, recorded / "report.html").read_text()
+    assert 'id="loss"' not in html
+
+
+def test_parts_with_and_without_loss_and_lr_load_together(recorded):
+    """A run recorded in part before the change (resumed after it): NaN where the
+    older part did not record them."""
+    first = sorted((recorded / "steps").glob("part-*.parquet"))[0]
+    old = pd.read_parquet(first)
+    old.drop(columns=["loss", "lr"]).to_parquet(first, index=False)
+    run = load_run(recorded)
+    steps_in_old = set(old["step"])
+    old_rows = run.steps["step"].isin(steps_in_old)
+    assert run.steps.loc[old_rows, "lr"].isna().all()
+    new_lr = run.steps.loc[~old_rows, "lr"].tolist()
+    assert new_lr and new_lr == pytest.approx([0.01] * len(new_lr), rel=1e-6)
