@@ -27,6 +27,7 @@ from .plots import (
     plot_distributions,
     plot_global_norm,
     plot_heatmap,
+    plot_loss,
 )
 from .summary import _int, _num, layer_summary, run_summary
 
@@ -73,6 +74,7 @@ def render_html(run: RunData, source: str = "") -> str:
         header=_header(run),
         advice=_advice(run, advise(run.meta, run.steps, run.layers, run.events)),
         global_norm=plot_global_norm(run),
+        loss=plot_loss(run),
         heatmap=_heatmap(run, names, heat_layers),
         actions=plot_actions(run),
         layers=_layer_table(run, summary),

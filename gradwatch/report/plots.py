@@ -127,6 +127,55 @@ def plot_global_norm(run: RunData) -> str | None:
     return _png(fig)
 
 
+def plot_loss(run: RunData) -> str | None:
+    """The training loss over steps, on the global norm's step axis, with the learning
+    rate on a second axis where it was recorded.
+
+    Returns:
+        A PNG ``data:`` URI, or ``None`` when no loss was recorded (runs recorded
+        before the loss was kept, or whose steps were not given one).
+    """
+    from matplotlib.figure import Figure
+
+    steps = run.steps
+    if steps.empty or "loss" not in steps:
+        return None
+    x = steps["step"].to_numpy(dtype=float)
+    y = steps["loss"].to_numpy(dtype=float)
+    ok = np.isfinite(y)
+    if not ok.any():
+        return None
+    fig = Figure(figsize=(12, 3.2))
+    ax = fig.add_subplot()
+    xs, ys = x[ok], y[ok]
+    if len(xs) > MAX_LINE_POINTS:
+        starts = bin_starts(len(xs), MAX_LINE_POINTS // 2)
+        ax.fill_between(xs[starts], np.minimum.reduceat(ys, starts),
+                        np.maximum.reduceat(ys, starts), color="#ff7f0e", alpha=0.35, lw=0,
+                        label="loss (min-max per bin)")
+    else:
+        ax.plot(xs, ys, color="#ff7f0e", lw=0.8, label="loss")
+    # Log scale for a positive loss that falls over orders of magnitude.
+    if (ys > 0).all() and ys.max() > 100 * ys.min():
+        ax.set_yscale("log")
+    handles, labels = ax.get_legend_handles_labels()
+    lr = steps["lr"].to_numpy(dtype=float) if "lr" in steps else np.full(len(x), np.nan)
+    if np.isfinite(lr).any():
+        ax2 = ax.twinx()
+        line = ax2.plot(x, lr, color="#7f7f7f", lw=1, ls="--", label="learning rate")
+        ax2.set_ylabel("learning rate")
+        handles += line
+        labels += ["learning rate"]
+    ax.set_xlim(x.min(), x.max() + 1)  # the global norm's step axis
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+              fontsize=8, frameon=False)
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, bottom=0.16, top=0.86)
+    return _png(fig)
+
+
 def _layer_matrix(
     run: RunData, layers: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
