@@ -15,6 +15,11 @@ continues the same run: a monitor for that fit's optimizer, restored from the la
 one's state, records into the same run directory, its steps numbered on (a checkpoint
 given with ``ckpt_path`` is restored instead). ``callback.monitor`` is the current
 fit's monitor; its in-memory tables start at that fit, the run record holds them all.
+
+The loss of each optimizer step is taken from ``on_before_backward`` (on the device,
+unscaled under AMP) and recorded as the monitor's ``loss``: with gradient accumulation,
+the sum of the micro-batches' losses as Lightning backpropagates them (each divided by
+``accumulate_grad_batches``), which is the mean of their ``training_step`` losses.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class GradWatchCallback(pl.Callback):
         self._pending_state: dict[str, Any] | None = None
         # The monitor is stepping: made at on_train_start, ended with its fit.
         self._live = False
+        # The loss backpropagated since the last optimizer step (a device tensor).
+        self._loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -131,15 +138,35 @@ class GradWatchCallback(pl.Callback):
             reporters=[LoggerReporter(others)] if rank_zero and others else (),
         )
         self._live = True
+        self._loss = None
         self._pending_state = None
         if state is not None:
             self.monitor.load_state_dict(state)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        # The loss Lightning backpropagates is training_step's divided by
+        # accumulate_grad_batches, so the sum over an optimizer step's micro-batches is
+        # the mean of their training_step losses. All on the device: no host read.
+        if not self._live:
+            return
+        value = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+            # AMP hands this hook the scaled loss; the scale is read as the device
+            # tensor it is (get_scale() would synchronise).
+            scale = scaler._get_scale_async()  # set by the scale() just before this hook
+            if scale is not None:
+                value = value / scale
+        self._loss = value if self._loss is None else self._loss + value
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         if self._live and self.monitor is not None:
-            self.monitor.step()
+            loss, self._loss = self._loss, None
+            self.monitor.step(loss=loss)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end()

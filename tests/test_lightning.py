@@ -70,7 +70,8 @@ class ParamDelta(pl.Callback):
 
 def _trainer(tmp_path, callbacks, steps, **kwargs):
     return pl.Trainer(
-        max_steps=steps, accumulate_grad_batches=ACCUMULATE, callbacks=callbacks,
+        max_steps=steps, callbacks=callbacks,
+        accumulate_grad_batches=kwargs.pop("accumulate_grad_batches", ACCUMULATE),
         logger=kwargs.pop("logger", False), enable_checkpointing=kwargs.pop("ckpt", False),
         enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path, accelerator="cpu", devices=1, **kwargs,
@@ -93,6 +94,32 @@ def test_spike_detected_at_the_right_step_and_clipped(tmp_path):
     # SGD: the parameters moved by lr * the clipped norm, not by lr * the spike.
     assert delta.moves[SPIKE_STEP] == pytest.approx(0.05 * clipped, rel=1e-3)
     assert steps.loc[SPIKE_STEP, "global_norm"] > 100 * clipped
+
+
+class LossKeeping(Tiny):
+    """Keeps every training_step loss, to compare with what the monitor recorded."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach().float().item())
+        return loss
+
+
+@pytest.mark.parametrize("accumulate", [1, ACCUMULATE])
+def test_the_loss_of_each_step_is_the_mean_of_its_training_step_losses(tmp_path, accumulate):
+    module = LossKeeping()
+    gw = GradWatchCallback(run_dir=tmp_path / "run", log_every=10)
+    _trainer(tmp_path, [gw], 12, accumulate_grad_batches=accumulate).fit(module, _data(100))
+    steps = gw.monitor.steps()
+    per_step = torch.tensor(module.losses).reshape(12, accumulate).mean(dim=1)
+    assert steps["loss"].tolist() == pytest.approx(per_step.tolist(), rel=1e-5)
+    assert steps["lr"].tolist() == pytest.approx([0.05] * 12, rel=1e-6)
+    run = load_run(tmp_path / "run")
+    assert run.steps["loss"].tolist() == steps["loss"].tolist()
 
 
 def test_trainer_clipping_is_refused_with_the_fix(tmp_path):
@@ -197,6 +224,9 @@ def test_grad_scaler_overflow_is_amp_overflow(tmp_path):
     events = gw.monitor.events()
     assert "amp_overflow" in set(events.kind) and "explosion" not in set(events.kind)
     assert 20 in set(events.query("kind == 'amp_overflow'").step)
+    # The loss recorded is unscaled: the loss scale (65536 at first) is divided out.
+    loss = gw.monitor.steps()["loss"]
+    assert 0 < loss.iloc[0] < 100 and loss.drop(index=20).notna().all()
 
 
 def test_metrics_reach_the_wandb_logger_run(tmp_path):
@@ -232,6 +262,8 @@ def test_metrics_reach_a_csv_logger(tmp_path):
     assert list(rows.index) == list(range(30))
     assert rows["gradwatch/global_norm"].values == pytest.approx(steps.global_norm.values, rel=1e-6)
     assert "gradwatch/grad_norm/net.0" in rows.columns
+    assert rows["gradwatch/loss"].values == pytest.approx(steps.loss.values, rel=1e-6)
+    assert rows["gradwatch/lr"].values == pytest.approx([0.05] * 30, rel=1e-6)
 
 
 class TinyLBFGS(Tiny):

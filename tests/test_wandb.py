@@ -24,7 +24,7 @@ from gradwatch.wandb_reporter import WandbReporter  # noqa: E402
 pytestmark = pytest.mark.slow  # each test starts a W&B run (a few seconds)
 
 
-def _train(monitor, model, opt, steps, plan=None, host_run=None):
+def _train(monitor, model, opt, steps, plan=None, host_run=None, loss_of=None):
     stream = GradStream(model, sigma=0.1)
     for t in range(steps):
         if host_run is not None:
@@ -33,7 +33,7 @@ def _train(monitor, model, opt, steps, plan=None, host_run=None):
         stream.write(**{k: v for k, v in spec.items() if k != "nan"})
         if spec.get("nan"):
             model[0].weight.grad[0, 0] = float("nan")
-        monitor.step()
+        monitor.step(loss=loss_of(t) if loss_of is not None else None)
         opt.step()
 
 
@@ -67,7 +67,8 @@ def test_metrics_histograms_config_and_no_lost_rows():
         model, opt, run_dir=False, log_every=10,
         wandb={"hist_every": 25, "value_hist_layers": ["2"]},
     )
-    _train(monitor, model, opt, 80, {60: {"diffuse": {"2": 100.0}}}, host_run=host)
+    _train(monitor, model, opt, 80, {60: {"diffuse": {"2": 100.0}}}, host_run=host,
+           loss_of=lambda t: None if t == 5 else torch.tensor(4.0 / (t + 1)))
     monitor.detach()
     assert wandb.run is host  # reused, not finished by gradwatch
     host.finish()
@@ -86,6 +87,11 @@ def test_metrics_histograms_config_and_no_lost_rows():
         for layer in ("0", "2", "4"):
             expected = hist.query("step == @s and layer == @layer").grad_norm.item()
             assert r[f"gradwatch/grad_norm/{layer}"] == pytest.approx(expected, rel=1e-6)
+    # The training context: the loss where one was given (none at step 5), the lr.
+    assert "gradwatch/loss" not in rows[5]
+    assert [r["gradwatch/loss"] for r in rows if r["gradwatch/step"] != 5] == pytest.approx(
+        [4.0 / (t + 1) for t in range(80) if t != 5], rel=1e-6)
+    assert [r["gradwatch/lr"] for r in rows] == pytest.approx([0.01] * 80, rel=1e-6)
     assert rows[60]["gradwatch/actions/clip_norm"] >= 1
     assert rows[60]["gradwatch/flagged_z/2"] == pytest.approx(
         hist.query("step == 60 and layer == '2'").z.item(), rel=1e-6
@@ -96,6 +102,7 @@ def test_metrics_histograms_config_and_no_lost_rows():
     bound = _step_metrics(run)
     logged = _logged_keys(run)
     assert "gradwatch/grad_norm/4" in logged and "gradwatch/norm_hist/0" in logged
+    assert bound["gradwatch/loss"] == bound["gradwatch/lr"] == "gradwatch/step"
     assert logged - {"gradwatch/step"} <= {k for k, v in bound.items() if v == "gradwatch/step"}
     assert run.config["gradwatch"]["clip"] == "auto"
 
