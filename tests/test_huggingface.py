@@ -64,7 +64,7 @@ def _args(tmp_path, steps, **kwargs):
     return transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8,
         gradient_accumulation_steps=ACCUMULATE, learning_rate=0.05, optim="sgd",
-        lr_scheduler_type="constant", max_grad_norm=kwargs.pop("max_grad_norm", 0.0),
+        lr_scheduler_type=kwargs.pop("lr_scheduler_type", "constant"), max_grad_norm=kwargs.pop("max_grad_norm", 0.0),
         report_to=kwargs.pop("report_to", "none"), save_strategy=kwargs.pop("save", "no"),
         logging_steps=1000, use_cpu=True, seed=0, dataloader_num_workers=0,
         disable_tqdm=True, **kwargs,
@@ -98,6 +98,20 @@ def test_spike_detected_at_the_right_optimizer_step_and_clipped(tmp_path):
     clipped = steps.loc[SPIKE_STEP, "clipped_norm"]
     assert before[SPIKE_STEP] == pytest.approx(0.05 * clipped, rel=1e-3)
     assert steps.loc[SPIKE_STEP, "global_norm"] > 100 * clipped
+
+
+def test_lr_follows_the_trainers_schedule_and_the_loss_is_not_recorded(tmp_path):
+    """The Trainer shows its callbacks no per-step loss (only log_history, every
+    logging_steps, read on the host): the loss is NaN; the lr is the scheduler's."""
+    gw = GradWatchTrainerCallback(run_dir=False)
+    trainer = transformers.Trainer(
+        model=TinyRegressor(), args=_args(tmp_path, 10, lr_scheduler_type="linear"),
+        train_dataset=Data(800), callbacks=[gw])
+    trainer.train()
+    steps = gw.monitor.steps()
+    assert steps["loss"].isna().all()
+    assert steps["lr"].tolist() == pytest.approx([0.05 * (10 - k) / 10 for k in range(10)],
+                                                 rel=1e-6)
 
 
 def test_trainer_clipping_is_refused_with_the_fix(tmp_path):
