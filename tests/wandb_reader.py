@@ -34,6 +34,8 @@ def read_records(path: str) -> list[Any]:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         payload = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -102,9 +104,18 @@ def find_run_file(wandb_dir: str) -> str:
 
 def wait_for_exit(path: str, timeout: float = 30.0) -> OfflineRun:
     """Parse the run once its exit record is written (run.finish() can return first)."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
-        run = parse_run(path)
+        try:
+            run = parse_run(path)
+        except DecodeError:
+            # Read while wandb-core was writing a record: read again, unless time is up.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
         if run.exited or time.monotonic() > deadline:
             return run
         time.sleep(0.2)
