@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.epochs):
         for xb, yb in loader:
             with accelerator.accumulate(model):
-                accelerator.backward(nn.functional.cross_entropy(model(xb), yb))
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    watch.step()
+                    watch.step(loss=loss)  # the last micro-batch's loss
                 optimizer.step()
                 optimizer.zero_grad()
     watch.detach()

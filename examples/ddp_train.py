@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = nn.functional.cross_entropy(model(xb.to(device)), yb.to(device))
             optimizer.zero_grad()
             loss.backward()
-            monitor.step()  # identical decision on every rank; no host sync
+            monitor.step(loss=loss)  # identical decision on every rank; no host sync
             optimizer.step()
     monitor.detach()
 

@@ -62,7 +62,7 @@ def train(data, *, seed: int, steps: int, lr: float, monitor: bool,
         optimizer.zero_grad()
         loss.backward()
         if gw is not None:
-            gw.step()  # measure, detect, clip in place: no host sync on this step
+            gw.step(loss=loss)  # measure, detect, clip in place: no host sync on this step
         optimizer.step()
         losses.append(loss.detach())
     losses_host = torch.stack(losses).tolist()  # one transfer, after training

@@ -129,7 +129,7 @@ def train(data, faults: list[Fault], *, seed: int, steps: int, lr: float,
         opt.zero_grad()
         loss.backward()
         if gw is not None:
-            gw.step()  # no host synchronisation here
+            gw.step(loss=loss)  # the loss rides along as a device tensor: no sync
         opt.step()
     if gw is not None:
         gw.detach()  # flush the record, finish the W&B run

@@ -51,8 +51,9 @@ class GradWatchAccelerate:
             run_dir=run_dir if main else False, wandb=wandb if main else False,
         )
 
-    def step(self) -> gradwatch.StepResult:
-        """Unscale once (under fp16), then :meth:`gradwatch.GradMonitor.step`."""
+    def step(self, loss: torch.Tensor | float | None = None) -> gradwatch.StepResult:
+        """Unscale once (under fp16), then :meth:`gradwatch.GradMonitor.step` (``loss``
+        recorded as there)."""
         if not self.accelerator.sync_gradients:
             raise RuntimeError(
                 "GradWatchAccelerate.step() ran on a micro-batch that does not sync "
@@ -60,7 +61,7 @@ class GradWatchAccelerate:
             )
         if getattr(self.accelerator, "scaler", None) is not None:
             self.accelerator.unscale_gradients(self.optimizer)
-        return self.monitor.step()
+        return self.monitor.step(loss=loss)
 
     def state_dict(self) -> dict[str, Any]:
         return self.monitor.state_dict()

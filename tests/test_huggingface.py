@@ -156,14 +156,18 @@ def test_accelerate_loop_with_accumulation(tmp_path):
     loader = torch.utils.data.DataLoader(Data(800), batch_size=8)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     gw = GradWatchAccelerate(accelerator, model, optimizer, run_dir=False)
+    given = []
     for batch in loader:
         with accelerator.accumulate(model):
-            accelerator.backward(model(**batch)["loss"])
+            loss = model(**batch)["loss"]
+            accelerator.backward(loss)
             if accelerator.sync_gradients:
-                gw.step()
+                gw.step(loss=loss)
+                given.append(loss.detach())
             optimizer.step()
             optimizer.zero_grad()
     events = gw.monitor.events()
+    assert list(gw.monitor.steps().loss) == pytest.approx(torch.stack(given).tolist())
     assert list(events.step) == [SPIKE_STEP] and events.action.iloc[0] == "clip_norm"
     assert len(gw.monitor.steps()) == 50
     with pytest.raises(RuntimeError, match="inside `if accelerator.sync_gradients:`"):

@@ -60,6 +60,13 @@ def test_demo_catches_the_injected_faults_logs_and_reports(tmp_path):
     assert "gradwatch auto  trained" in text
     html = (tmp_path / "d" / "report.html").read_text()
     assert "Advice" in html and "nonfinite" in html
+    # The loss rides along with every step: the report draws it below the norm.
+    from gradwatch.report import load_run
+
+    steps = load_run(tmp_path / "d" / "run").steps
+    assert steps.loss.isna().sum() == 1  # the NaN input's step; every other is recorded
+    assert steps.lr.notna().all()
+    assert 'id="loss"' in html
     # The offline W&B run holds the monitor's metrics and the NaN's alert.
     run = wait_for_exit(find_run_file(str(tmp_path / "d" / "wandb")))
     assert any("gradwatch/global_norm" in row for row in run.history)
