@@ -198,6 +198,10 @@ class OptimizerGate:
         """Skip the next ``optimizer.step()`` if the 0-dim bool ``flag`` is true."""
         self._flag = flag
 
+    def still_armed_with(self, flag: Tensor) -> bool:
+        """Whether ``flag`` is still waiting: no ``optimizer.step()`` consumed it."""
+        return self._flag is flag
+
     def can_scale(self, monitored: set[int]) -> bool:
         """Whether the coefficient may ride in ``grad_scale``: a fused optimizer that
         steps only monitored parameters (``grad_scale`` applies to every parameter it

@@ -31,9 +31,7 @@ import dataclasses
 import math
 import threading
 import warnings
-import weakref
-from collections.abc import Mapping, Sequence
-from numbers import Integral, Real
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -44,17 +42,20 @@ from . import distributed as dist_utils
 from . import exit_hooks
 from . import functional as F
 from .config import MonitorConfig
+from .context import TrainingContext
 from .detector import Detection, Detector
 from .events import EventDecoder
 from .gate import OptimizerGate, make_gate, skip_description
 from .history import StepHistory
 from .layers import LayerTable
 from .measure import GradReader, Measurement
+from .monitor_state import check_monitor_state
 from .optimizers import refuse_repeated_closure, step_scales_with_gradient
 from .policies import Decision, GradEditor, make_policy
 from .reporters import Chunk, ProbeInput, Reporter, ReporterSet, RunInfo
 from .result import StepResult
 from .rows import CLIP_NORM, CLIP_VALUE, NONE, SKIP, RowLayout, nan_if_inf
+from .step_guard import StepGuard
 
 # Version 2 keeps the detector's statistics under "detector" (version 1: flat).
 STATE_VERSION = 2
@@ -143,15 +144,12 @@ class GradMonitor:
         self._exit_error: str | None = None
         self._warned_scaled = False
         self._warned_unhandled = False
-        # Misuse of step(): the gradients of the last step (weak references, so freed
-        # gradients are not kept alive, and their version counters), and the skip flag
-        # last armed in the gate (still there: no optimizer.step() since).
-        self._seen: tuple[tuple[int, ...], list[tuple[weakref.ref, int]]] | None = None
+        # Misuse of step(): the skip flag last armed in the gate (still there: no
+        # optimizer.step() since), and the guard that remembers the last gradients.
         self._armed: Tensor | None = None
-        self._warned_repeat = False
-        self._warned_no_grads = False
+        self._guard = StepGuard()
         self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
-        self._nan = torch.full((), math.nan, device=self.device)  # a step field not given
+        self._context = TrainingContext(self.device)
         self._probes: list[tuple[Any, int]] = []
         self._reporters = ReporterSet()
         self._gate: OptimizerGate | None = None
@@ -260,12 +258,12 @@ class GradMonitor:
                 raise RuntimeError(
                     "this monitor was detached; attach a new one with gradwatch.attach")
             self._check_ready()
-            context = {"loss": self._loss_value(loss), "lr": self._lr_value()}
-            unstepped = self._gate is not None and self._armed is not None and (
-                self._gate._flag is self._armed)  # not consumed: no optimizer.step() since
+            context = self._context.values(loss, self.optimizer)
+            unstepped = (self._gate is not None and self._armed is not None
+                         and self._gate.still_armed_with(self._armed))
             with torch.no_grad():
                 m = self._reader.measure()
-                self._check_fresh(m, unstepped)
+                self._guard.check(m, unstepped)
                 d = self._detector.score(m)
                 self._run_probes(m)
                 decision = self._policy.decide(m, d)
@@ -273,87 +271,8 @@ class GradMonitor:
                 skip_z, skipped = self._skip_(m, d)
                 self._detector.update(m, d, self._step)
                 result = self._record(m, d, decision, skip_z, skipped, context)
-            # After this step's own edits (clipping bumps the versions).
-            self._seen = (m.plan.positions, [(weakref.ref(g), g._version) for g in m.grads])
+            self._guard.remember(m)  # after this step's own edits (they bump versions)
             return result
-
-    def _loss_value(self, loss: Tensor | float | None) -> Tensor:
-        """``loss`` as a 0-dim fp32 tensor on the monitor's device, without reading it
-        on the host (NaN for ``None``)."""
-        if loss is None:
-            return self._nan
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:  # metadata only: no device read
-                raise ValueError(
-                    f"monitor.step(loss=...) got a tensor of shape {tuple(loss.shape)}; "
-                    "pass the scalar loss (reduce it first, e.g. loss.mean())"
-                )
-            # Same device: a queued copy. A loss on the CPU beside an accelerator model
-            # is copied without waiting (non_blocking: the value is staged at once).
-            return loss.detach().reshape(()).to(self.device, torch.float32,
-                                                non_blocking=loss.device.type == "cpu")
-        if isinstance(loss, Real) and not isinstance(loss, bool):
-            return self._scalar(float(loss))
-        raise TypeError(
-            f"monitor.step(loss={type(loss).__name__}): expected the loss as a tensor or "
-            "a number, or None"
-        )
-
-    def _lr_value(self) -> Tensor:
-        """The learning rate of the optimizer's first parameter group as a 0-dim fp32
-        device tensor (NaN without one). Usually a Python float, filled into a tensor
-        by a kernel argument (no copy); a tensor learning rate is taken as it is."""
-        groups = self.optimizer.param_groups if self.optimizer is not None else ()
-        lr = groups[0].get("lr") if groups else None
-        if isinstance(lr, Tensor) and lr.numel() == 1:
-            return lr.detach().reshape(()).to(self.device, torch.float32,
-                                              non_blocking=lr.device.type == "cpu")
-        if isinstance(lr, Real) and not isinstance(lr, bool):
-            return self._scalar(float(lr))
-        return self._nan
-
-    def _scalar(self, value: float) -> Tensor:
-        # torch.full passes the value as a kernel argument: no host-to-device copy,
-        # which for pageable memory would wait for the device.
-        return torch.full((), value, dtype=torch.float32, device=self.device)
-
-    def _check_fresh(self, m: Measurement, unstepped: bool) -> None:
-        """Warn (once) where this step measures no new gradients: no gradient at all
-        (before ``backward()``), or the last step's gradients again. Host-side only:
-        gradient objects and version counters, no device read."""
-        if not m.grads:
-            if not self._warned_no_grads:
-                self._warned_no_grads = True
-                warnings.warn(
-                    "gradwatch: monitor.step() found no gradients (every p.grad is None): "
-                    "it ran before loss.backward(), or after optimizer.zero_grad(), so "
-                    "nothing was measured or clipped. Call monitor.step() after backward() "
-                    "and before optimizer.step().",
-                    stacklevel=3,
-                )
-            return
-        if self._warned_repeat or self._seen is None or self._seen[0] != m.plan.positions:
-            return
-        seen = self._seen[1]
-        # A backward replaces a gradient (set_to_none) or writes into it in place (which
-        # bumps its version: accumulation, or after zero_grad(set_to_none=False)).
-        same = all(ref() is g for (ref, _), g in zip(seen, m.grads))
-        if same and all(v == g._version for (_, v), g in zip(seen, m.grads)):
-            how = ("twice on the same gradients (no backward() ran since the last "
-                   "monitor.step())")
-        elif same and unstepped:
-            how = ("twice without optimizer.step() in between, on gradients accumulated "
-                   "since (once per micro-batch?)")
-        else:
-            return
-        self._warned_repeat = True
-        warnings.warn(
-            f"gradwatch: monitor.step() ran {how}: the step count and the statistics "
-            "advance more than once per optimizer step. Call monitor.step() once per "
-            "optimizer step: after the backward() of the last micro-batch (and "
-            "scaler.unscale_), before optimizer.step().",
-            stacklevel=3,
-        )
 
     def _unrecorded(self) -> StepResult:
         """The result of a step that measured nothing (NaN values, action "none")."""
@@ -605,14 +524,14 @@ class GradMonitor:
                 shapes, another window size.
         """
         with self._lock:
-            detector = _check_state(state, self.layers)
+            detector = check_monitor_state(state, self.layers, STATE_VERSION)
             self._detector.check_state(detector)
             self.flush()  # rows already measured belong to the steps before the restore
             self._detector.load_state_dict(detector)
             self._pending = 0
             self._step = int(state["step"])
             self._history.events = [dict(e) for e in state.get("events", [])]
-            self._seen = None  # a restore is not a repeated step
+            self._guard.forget()  # a restore is not a repeated step
             self._reporters.call("resumed", self._step)
             differing = sorted(k for k, v in state.get("config", {}).items()
                                if self.config.to_dict().get(k) != v)
@@ -746,71 +665,3 @@ def _layer_table(model: nn.Module, config: MonitorConfig) -> LayerTable:
             "(torch.view_as_real) or attach to a submodule without them"
         )
     return layers
-
-
-def _check_state(state: Any, layers: LayerTable) -> Any:
-    """Refuse a state that is not a monitor's, is too new, is malformed or is another
-    model's; changes nothing.
-
-    Returns:
-        The detector's part of it (for :meth:`Detector.check_state`).
-    """
-    if not isinstance(state, Mapping) or "version" not in state:
-        raise ValueError(
-            "not a gradwatch monitor state: expected the dict returned by "
-            "GradMonitor.state_dict()"
-        )
-    version = state["version"]
-    if not isinstance(version, int) or version > STATE_VERSION or version < 1:
-        raise ValueError(
-            f"monitor state version {version!r} is not supported by this gradwatch "
-            f"(which reads versions 1..{STATE_VERSION}); upgrade gradwatch to load it"
-        )
-    required = ("step", "layers", "stats", "window") if version == 1 else (
-        "step", "layers", "detector")
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise ValueError(
-            f"monitor state (version {version}) lacks {', '.join(map(repr, missing))}: it "
-            "was not written by GradMonitor.state_dict(), or was damaged"
-        )
-    step = state["step"]
-    if not isinstance(step, Integral) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"monitor state 'step' is {step!r}, expected an integer >= 0")
-    for key, kind in (("layers", (list, tuple)), ("layer_numel", (list, tuple)),
-                      ("events", (list, tuple)), ("config", Mapping)):
-        if key in state and not isinstance(state[key], kind):
-            raise ValueError(
-                f"monitor state '{key}' is a {type(state[key]).__name__}, not what "
-                "GradMonitor.state_dict() writes"
-            )
-    if not all(isinstance(e, Mapping) for e in state.get("events", ())):
-        raise ValueError("monitor state 'events' holds entries that are not dicts")
-    saved = list(state["layers"])
-    mine = list(layers.names)
-    if saved != mine:
-        missing = [n for n in mine if n not in saved]
-        extra = [n for n in saved if n not in mine]
-        raise ValueError(
-            "monitor state is from an incompatible model: layers differ "
-            f"(saved {len(saved)}, this model {len(mine)}; not in the state: "
-            f"{missing[:5]}; not in this model: {extra[:5]}). Load it into a monitor "
-            "attached to the same architecture with the same grouping options."
-        )
-    numel = [rec["numel"] for rec in layers.describe()]
-    saved_numel = list(state.get("layer_numel", numel))
-    if saved_numel != numel:
-        if len(saved_numel) != len(numel):
-            raise ValueError(
-                f"monitor state 'layer_numel' has {len(saved_numel)} entries for "
-                f"{len(numel)} layers: the state was damaged"
-            )
-        i = next(i for i, (a, b) in enumerate(zip(saved_numel, numel)) if a != b)
-        raise ValueError(
-            f"monitor state is from an incompatible model: layer {mine[i]!r} has "
-            f"{numel[i]} parameters here but {saved_numel[i]} in the saved state. Load it "
-            "into a monitor attached to the same architecture."
-        )
-    if version == 1:  # the statistics were kept flat
-        return {k: state[k] for k in ("stats", "window", "tightness") if k in state}
-    return state["detector"]
