@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -170,6 +171,10 @@ def run(out: Path, *, seed: int = 0, steps: int = 400, lr: float = 0.05,
         span = f" for {f.length} steps" if f.length > 1 else ""
         print(f"  step {f.step:4d}  {f.kind:10s}  {f.what}{span}")
     run_dir = out / "run"
+    if (run_dir / "meta.json").is_file():
+        # The demo's own record from an earlier demo: each demo records a new run.
+        shutil.rmtree(run_dir)
+        print(f"(replacing the record of the previous demo in {run_dir})")
     wandb: Any = False
     if use_wandb:
         wandb = {"init_kwargs": {"project": "gradwatch-demo", "name": f"demo-seed{seed}",

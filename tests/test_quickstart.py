@@ -72,6 +72,15 @@ def test_demo_catches_the_injected_faults_logs_and_reports(tmp_path):
     assert any("gradwatch/global_norm" in row for row in run.history)
     assert any("NaN/Inf gradients" in a["title"] for a in run.alerts)
 
+    # Run again into the same folder, as a newcomer does: the demo replaces its record.
+    again = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "demo", "--steps", "250", "--out", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "replacing the record of the previous demo" in again.stdout
+    assert load_run(tmp_path / "d" / "run").steps.step.max() == steps.step.max()
+
 
 def test_demo_refuses_too_few_steps(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gradwatch", "demo", "--steps", "50",
