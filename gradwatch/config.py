@@ -260,6 +260,13 @@ class MonitorConfig:
     """The run record (``attach(run_dir=...)``) writes a Parquet part to disk once this
     many steps are buffered, and on exit."""
 
+    update_ratio: bool = True
+    """Measure each layer's update-to-weight ratio ``||w_new - w|| / ||w||`` of the
+    optimizer step that follows one monitor step in every ``log_every`` (column
+    ``update_ratio`` of ``history()``; needs the optimizer and ``log_every >= 2``).
+    It costs a copy of the monitored weights on those steps (of this rank's shards
+    under FSDP); set ``False`` where that memory is not there to spare."""
+
     history_limit: int | None = None
     """Keep at most this many steps of per-layer history in memory (oldest dropped),
     and the events of those steps only (at most this many; one warning when the first
@@ -373,6 +380,8 @@ class MonitorConfig:
         _in_range("level_decay", self.level_decay, 0.0, 1.0, low_open=True, high_open=True)
         if not isinstance(self.calibrate, bool):
             raise ValueError(f"calibrate={self.calibrate!r} must be True or False")
+        if not isinstance(self.update_ratio, bool):
+            raise ValueError(f"update_ratio={self.update_ratio!r} must be True or False")
         if self.drift_threshold is not None and not (
             _is_real(self.drift_threshold) and math.isfinite(self.drift_threshold)
             and self.drift_threshold > 0

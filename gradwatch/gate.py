@@ -54,8 +54,8 @@ def make_gate(optimizer: torch.optim.Optimizer | None, scaler: Any,
               config: MonitorConfig) -> OptimizerGate | None:
     """The gate a monitor needs on ``optimizer``, if any: to skip non-finite steps
     (``nonfinite="skip"`` without a GradScaler, which skips them itself) or steps
-    beyond ``skip_threshold``, or to hand a fused optimizer the norm-clipping
-    coefficient.
+    beyond ``skip_threshold``, to hand a fused optimizer the norm-clipping
+    coefficient, or to measure the update ratio around a step.
 
     Raises:
         ValueError: ``skip_threshold`` without an optimizer to skip, or an optimizer
@@ -72,7 +72,7 @@ def make_gate(optimizer: torch.optim.Optimizer | None, scaler: Any,
         return None
     refuse_repeated_closure(optimizer)
     own_nonfinite = config.nonfinite == "skip" and scaler is None
-    if own_nonfinite or config.skip_threshold is not None or (
+    if own_nonfinite or config.skip_threshold is not None or config.update_ratio or (
         config.clip in NORM_MODES and supports_found_inf(optimizer)
     ):
         return OptimizerGate(optimizer)
@@ -151,6 +151,7 @@ class OptimizerGate:
         self._num_params = sum(len(g["params"]) for g in optimizer.param_groups)
         self._flag: Tensor | None = None
         self._coef: Tensor | None = None
+        self._probe: Any = None
         self._active = True
         self._all_state = False
         self._had_instance_step = "step" in optimizer.__dict__
@@ -173,6 +174,7 @@ class OptimizerGate:
                 args, kwargs = (), {**kwargs, "closure": _replay(opt, loss)}
             flag, gate._flag = gate._flag, None
             coef, gate._coef = gate._coef, None
+            probe, gate._probe = gate._probe, None
             if not gate._active:
                 return original(*args, **kwargs)
             if flag is not None and not (gate.fused and gate._state_ready(opt)):
@@ -181,9 +183,15 @@ class OptimizerGate:
                 if bool(flag):
                     return kwargs["closure"]() if "closure" in kwargs else None
                 flag = None
+            if probe is not None:
+                probe.begin()
             if flag is None and coef is None:
-                return original(*args, **kwargs)
-            return gate._fused_step(original, flag, coef, *args, **kwargs)
+                out = original(*args, **kwargs)
+            else:
+                out = gate._fused_step(original, flag, coef, *args, **kwargs)
+            if probe is not None:
+                probe.end()
+            return out
 
         step.__name__ = "step"
         step.__doc__ = getattr(original, "__doc__", None)
@@ -197,6 +205,11 @@ class OptimizerGate:
     def arm(self, flag: Tensor) -> None:
         """Skip the next ``optimizer.step()`` if the 0-dim bool ``flag`` is true."""
         self._flag = flag
+
+    def measure_next(self, probe: Any) -> None:
+        """Call ``probe.begin()`` just before the next optimizer step that happens and
+        ``probe.end()`` just after it (not around a step the gate skips on the host)."""
+        self._probe = probe
 
     def still_armed_with(self, flag: Tensor) -> bool:
         """Whether ``flag`` is still waiting: no ``optimizer.step()`` consumed it."""
@@ -273,6 +286,7 @@ class OptimizerGate:
         self._active = False
         self._flag = None
         self._coef = None
+        self._probe = None
         gates = self.optimizer.__dict__.get("_gradwatch_gates", [])
         if self in gates:
             gates.remove(self)

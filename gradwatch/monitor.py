@@ -46,6 +46,7 @@ from .context import TrainingContext
 from .detector import Detection, Detector
 from .events import EventDecoder
 from .gate import OptimizerGate, make_gate, skip_description
+from .update_ratio import UpdateRatio
 from .history import StepHistory
 from .layers import LayerTable
 from .measure import GradReader, Measurement
@@ -164,6 +165,14 @@ class GradMonitor:
             exit_hooks.unregister(self)
             raise
         self._gate = make_gate(optimizer, self.scaler, cfg)
+        # The update ratio of the optimizer step after the first row of every logging
+        # interval, written into that row while it still waits in the device buffer.
+        self._updates = None
+        if self._gate is not None and cfg.update_ratio and cfg.log_every > 1:
+            self._updates = UpdateRatio(self.layers, self.device, self._reader.shards,
+                                        self._take_update_ratio)
+        self._ratio_step = -1
+        self._no_ratio = torch.full((self.layers.num_layers,), math.nan, device=self.device)
         self._events.skip_how = skip_description(optimizer, cfg)
         # CPU: branch on decision flags to skip passes that would change nothing
         # (a host read there is free); accelerators never read on the step.
@@ -402,15 +411,29 @@ class GradMonitor:
                 "z_limit": d.event_limit[1:],
                 "flagged": d.flagged[1:] & ~nonfinite,
                 "present": present,
+                "update_ratio": self._no_ratio,  # filled in after optimizer.step()
             },
         )
         self._buffer[self._pending].copy_(row)
         self._pending += 1
+        if self._updates is not None and self._pending == 1:
+            self._ratio_step = self._step
+            self._gate.measure_next(self._updates)
         result = StepResult(self._step, row, self._layout, self.layers.names)
         self._step += 1
         if self._pending == self.config.log_every:
             self.flush()
         return result
+
+    def _take_update_ratio(self, ratio: Tensor) -> None:
+        """Write the update ratio of the optimizer step just taken into the row of the
+        monitor step before it, if that row still waits in the device buffer."""
+        with self._lock:
+            if self._pending == 0 or self._step - self._pending != self._ratio_step:
+                return
+            layer = self._layout.layer
+            row = self._buffer[0]
+            row[layer["update_ratio"]] = torch.where(row[layer["present"]] > 0, ratio, math.nan)
 
     # ------------------------------------------------------------------ host side
     def flush(self) -> None:
@@ -462,7 +485,9 @@ class GradMonitor:
         ``z`` (z-score of the log norm; 0 during warm-up), ``typical_norm``,
         ``norm_threshold``, ``max_abs``, ``concentration`` (max |g| / RMS of g),
         ``concentration_z``, ``value_threshold`` (``inf`` when not value-clipped),
-        ``flagged``. A layer without gradients at a step has no row for it.
+        ``flagged``, ``update_ratio`` (``||w_new - w|| / ||w||`` of the optimizer step
+        after the first step of each logging interval; NaN elsewhere). A layer
+        without gradients at a step has no row for it.
         """
         self.flush()
         return self._history.layer_table()

@@ -57,7 +57,11 @@ LAYER_FIELDS = (
     "z_limit",
     "flagged",
     "present",
+    # Added later (see LATER_LAYER_FIELDS):
+    "update_ratio",  # ||dw|| / ||w|| of the optimizer step after this one; NaN if not measured
 )
+# Layer fields added after the first run records were written (NaN when loading those).
+LATER_LAYER_FIELDS = ("update_ratio",)
 # Step-level values that trackers receive as they are (the rest are flags or codes).
 METRIC_FIELDS = ("global_norm", "clipped_norm", "threshold", "z", "typical_norm", "coef")
 # The training context: sent only where recorded (NaN means "not given").
@@ -101,7 +105,9 @@ def row_metrics(layout: RowLayout, layer_names: Sequence[str], row: np.ndarray,
     means none was given, and is left out); ``action`` (one of :data:`ACTIONS`);
     ``clipped``, ``skipped``, ``explosion``, ``nonfinite``, ``drift``, ``bounding`` (0 or
     1); ``grad_norm/<layer>`` for every layer with a gradient (unless ``layer_norms`` is
-    false) and ``flagged_z/<layer>`` for every layer beyond its event threshold.
+    false), ``update_ratio/<layer>`` where the update ratio was measured (one step in
+    every ``log_every``) and ``flagged_z/<layer>`` for every layer beyond its event
+    threshold.
     """
     s = layout.step_values(row)
     action = ACTIONS[int(s["action"])]
@@ -118,6 +124,9 @@ def row_metrics(layout: RowLayout, layer_names: Sequence[str], row: np.ndarray,
         norms = row[layout.layer["grad_norm"]]
         for j in np.flatnonzero(row[layout.layer["present"]] > 0):
             out[f"grad_norm/{layer_names[j]}"] = float(norms[j])
+    ratio = row[layout.layer["update_ratio"]]
+    for j in np.flatnonzero(np.isfinite(ratio)):
+        out[f"update_ratio/{layer_names[j]}"] = float(ratio[j])
     z = row[layout.layer["z"]]
     for j in np.flatnonzero(row[layout.layer["flagged"]] > 0):
         out[f"flagged_z/{layer_names[j]}"] = float(z[j])

@@ -462,12 +462,14 @@ def _columns(table: str) -> list[str]:
 
 def _earlier_columns(table: str) -> list[list[str]]:
     """The columns earlier recorders wrote into ``table`` that still load (the newer
-    ones filled with NaN): the steps before ``loss`` and ``lr`` were recorded."""
-    from .rows import LATER_STEP_FIELDS
+    ones filled with NaN): the steps before ``loss`` and ``lr`` were recorded, the
+    layers before ``update_ratio`` was."""
+    from .rows import LATER_LAYER_FIELDS, LATER_STEP_FIELDS
 
-    if table != "steps":
+    later = {"steps": LATER_STEP_FIELDS, "layers": LATER_LAYER_FIELDS}.get(table)
+    if later is None:
         return []
-    return [[c for c in _columns(table) if c not in LATER_STEP_FIELDS]]
+    return [[c for c in _columns(table) if c not in later]]
 
 
 def _empty(table: str):

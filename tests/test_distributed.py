@@ -36,7 +36,8 @@ def assert_matches_reference(run, ref):
     np.testing.assert_allclose(steps.threshold, ref_steps.threshold, rtol=RTOL)
     layers, ref_layers = run["layers"], ref["layers"]
     assert list(layers.layer) == list(ref_layers.layer)  # the model's own layer names
-    for column in ("grad_norm", "clipped_norm", "max_abs", "concentration", "value_threshold"):
+    for column in ("grad_norm", "clipped_norm", "max_abs", "concentration", "value_threshold",
+                   "update_ratio"):
         np.testing.assert_allclose(layers[column], ref_layers[column], rtol=RTOL,
                                    err_msg=column)
     cols = ["step", "kind", "layer", "action"]
@@ -54,6 +55,8 @@ def assert_ranks_agree(r0, r1):
 
 def test_the_reference_run_exercises_every_decision():
     ref = reference()
+    # The update ratio is measured (and compared with every distributed run's).
+    assert ref["layers"].update_ratio.notna().sum() > 0
     actions = ref["steps"].set_index("step").action
     assert [actions[s] for s in (*w.SPIKES, w.OUTLIER_STEP, w.NAN_STEP)] == [
         "clip_norm", "clip_norm", "clip_value", "skip"]

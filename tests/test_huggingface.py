@@ -98,6 +98,9 @@ def test_spike_detected_at_the_right_optimizer_step_and_clipped(tmp_path):
     clipped = steps.loc[SPIKE_STEP, "clipped_norm"]
     assert before[SPIKE_STEP] == pytest.approx(0.05 * clipped, rel=1e-3)
     assert steps.loc[SPIKE_STEP, "global_norm"] > 100 * clipped
+    # The update ratio is measured around the Trainer's optimizer step.
+    hist = gw.monitor.history()
+    assert sorted(set(hist[hist.update_ratio > 0].step)) == [0, 10, 20, 30, 40]
 
 
 def test_lr_follows_the_trainers_schedule_and_the_loss_is_not_recorded(tmp_path):

@@ -94,6 +94,10 @@ def test_spike_detected_at_the_right_step_and_clipped(tmp_path):
     # SGD: the parameters moved by lr * the clipped norm, not by lr * the spike.
     assert delta.moves[SPIKE_STEP] == pytest.approx(0.05 * clipped, rel=1e-3)
     assert steps.loc[SPIKE_STEP, "global_norm"] > 100 * clipped
+    # The update ratio is measured around Lightning's optimizer step (with its
+    # closure), once per logging interval.
+    hist = gw.monitor.history()
+    assert sorted(set(hist[hist.update_ratio > 0].step)) == [0, 10, 20, 30, 40]
 
 
 class LossKeeping(Tiny):

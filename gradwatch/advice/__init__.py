@@ -25,13 +25,19 @@ The rules and their thresholds (``CHECKS`` holds the same list as text):
   recurrent share of layers gives p < 0.05, and most are diffuse: clip by norm.
 * **non-finite gradients**: NaN/Inf on 2 or more steps: where they came from and the
   fix.
+* **update ratio too high**: a layer's median update-to-weight ratio (measured once
+  per logging interval, after the first 20% of the run, at least 3 times) >= 1e-2,
+  ten times the usual 1e-3: learning rate too high for that layer.
+* **a layer that does not learn**: a layer with gradients whose median update ratio
+  is <= 1e-6 while other layers move: not in the optimizer, a learning rate of 0,
+  vanishing gradients, or updates below the weights' (bf16) precision.
 * **AMP overflows**: beyond the loss scale's initial calibration, 3 or more overflows
   that come in streaks of 3 or more, or on more than 1% of the steps: the overflow is
   not the loss scale's doing.
 
 The rules live by subject: ``data`` (first layer, value clipping), ``optimisation``
-(trend, recurrent explosions), ``instability`` (drift) and ``numerics``
-(non-finite gradients, AMP overflows).
+(trend, recurrent explosions), ``updates`` (update ratios), ``instability`` (drift)
+and ``numerics`` (non-finite gradients, AMP overflows).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from .optimisation import (
     norm_trend,
     recurrent_explosions,
 )
+from .updates import UPDATE_DEAD, UPDATE_HIGH, UPDATE_MIN_MEASURED, update_ratios
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,7 +78,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKS", "Advice", "advise", "amp_overflows", "drifts",
     "first_layer_dominance", "is_recurrent", "layer_names", "nonfinite_steps",
-    "norm_trend", "recurrent_explosions", "value_clipped", "value_clipping",
+    "norm_trend", "recurrent_explosions", "update_ratios", "value_clipped",
+    "value_clipping",
 ]
 
 CHECKS = (
@@ -85,6 +93,9 @@ CHECKS = (
     f">= {DRIFT_TOTAL_GROWTH:g}x the typical norm over the {DRIFT_AFTER} steps after)",
     f"explosions concentrated in recurrent layers (>= {RECURRENT_MIN_EVENTS} events, "
     f">= {RECURRENT_SHARE:.0%} recurrent, binomial p < {RECURRENT_P:g})",
+    f"update-to-weight ratio of a layer far above 1e-3 (median >= {UPDATE_HIGH:g}, at "
+    f"least {UPDATE_MIN_MEASURED} measurements) or near zero (<= {UPDATE_DEAD:g}) while "
+    "others move",
     f"repeated non-finite gradients (>= {NONFINITE_MIN} steps)",
     f"repeated AMP overflows beyond the loss scale's calibration (>= {AMP_MIN}, in "
     f"streaks of >= {AMP_STREAK} or on > {AMP_RATE:.0%} of steps)",
@@ -109,6 +120,7 @@ def advise(
         norm_trend(steps),
         drifts(steps),
         recurrent_explosions(meta, layers, events),
+        *update_ratios(layers),
         nonfinite_steps(steps, events, meta),
         amp_overflows(steps, events),
     ]

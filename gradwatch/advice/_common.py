@@ -27,7 +27,8 @@ class Advice:
 
     Attributes:
         rule: which rule produced it (``first_layer``, ``value_clipping``, ``trend``,
-            ``recurrent``, ``nonfinite``, ``amp_overflow``).
+            ``drift``, ``recurrent``, ``update_ratio_high``, ``update_ratio_dead``,
+            ``nonfinite``, ``amp_overflow``).
         title: one line: what is wrong and what to do.
         detail: why, with the statistics quoted.
         evidence: the statistics, by name (plain Python numbers and strings).

@@ -28,6 +28,7 @@ from .plots import (
     plot_global_norm,
     plot_heatmap,
     plot_loss,
+    plot_update_ratio,
 )
 from .summary import _int, _num, layer_summary, run_summary
 
@@ -75,6 +76,7 @@ def render_html(run: RunData, source: str = "") -> str:
         advice=_advice(run, advise(run.meta, run.steps, run.layers, run.events)),
         global_norm=plot_global_norm(run),
         loss=plot_loss(run),
+        update_ratio=plot_update_ratio(run),
         heatmap=_heatmap(run, names, heat_layers),
         actions=plot_actions(run),
         layers=_layer_table(run, summary),

@@ -176,6 +176,59 @@ def plot_loss(run: RunData) -> str | None:
     return _png(fig)
 
 
+MAX_RATIO_LINES = 8  # layers drawn one by one; the rest as the median and the range
+
+
+def plot_update_ratio(run: RunData) -> str | None:
+    """Each layer's update-to-weight ratio over the steps it was measured at (once per
+    logging interval), log scale, with the 1e-3 rule of thumb. With many layers the
+    ``MAX_RATIO_LINES`` farthest from 1e-3 are drawn one by one, the others as their
+    median and range.
+
+    Returns:
+        A PNG ``data:`` URI, or ``None`` when no ratio was measured.
+    """
+    from matplotlib.figure import Figure
+
+    lay = run.layers
+    if lay.empty or "update_ratio" not in lay:
+        return None
+    lay = lay[np.isfinite(lay["update_ratio"].to_numpy(dtype=float))
+              & (lay["update_ratio"].to_numpy(dtype=float) > 0)]
+    if lay.empty:
+        return None
+    table = lay.pivot_table(index="step", columns="layer", values="update_ratio",
+                            aggfunc="first", observed=True)
+    far = (np.log10(table).median() + 3).abs().sort_values(ascending=False)
+    shown = list(far.index[:MAX_RATIO_LINES])
+    rest = [c for c in table.columns if c not in shown]
+    fig = Figure(figsize=(12, 3.2))
+    ax = fig.add_subplot()
+    x = table.index.to_numpy(dtype=float)
+    if rest:
+        others = table[rest].to_numpy(dtype=float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a step no other layer has
+            ax.fill_between(x, np.nanmin(others, axis=1), np.nanmax(others, axis=1),
+                            color="#c7c7c7", alpha=0.5, lw=0,
+                            label=f"{len(rest)} other layers (range)")
+            ax.plot(x, np.nanmedian(others, axis=1), color="#7f7f7f", lw=1,
+                    label="their median")
+    for name in shown:
+        ax.plot(x, table[name].to_numpy(dtype=float), marker=".", ms=3, lw=0.8,
+                label=_ellipsis(_printable(str(name)), 30))
+    ax.axhline(1e-3, color="#111111", ls=":", lw=1.2, label="1e-3 (rule of thumb)")
+    ax.set_yscale("log")
+    steps = run.steps["step"].to_numpy(dtype=float) if not run.steps.empty else x
+    ax.set_xlim(steps.min(), steps.max() + 1)  # the global norm's step axis
+    ax.set_xlabel("step")
+    ax.set_ylabel("||dw|| / ||w||")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    fig.subplots_adjust(left=_LEFT, right=_RIGHT, bottom=0.16, top=0.95)
+    return _png(fig)
+
+
 def _layer_matrix(
     run: RunData, layers: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
