@@ -28,8 +28,11 @@ Why these estimators (measured in ``benchmarks/efficacy``, experiment 5):
 * **Bounding the step** (holding the level and ``auto``'s tightening, with an SGD-type
   optimizer only) only on evidence of instability: an explosion in the last 100 steps,
   or crossings of the ``max_ratio`` boundary. A healthy run is then clipped only at its
-  anomalies. With an adaptive optimizer the ``max_ratio`` cap applies after an
-  explosion or a drift.
+  anomalies. Once a run converges (its level fallen to 1/20 of its peak, as a
+  classifier's does while its loss goes to zero) crossings are its heavy tail, not
+  instability: they no longer count, its boundary is the calibrated one, and a drift
+  bounds the step instead. With an adaptive optimizer the ``max_ratio`` cap applies
+  after an explosion or a drift.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ from .config import MonitorConfig
 from .measure import Measurement
 from .stats import Cusum, EmaStats, RecentWindow, RunningQuantile, check_tensor
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 # The keys every state of a version holds (version 2 added the tail, the drift test and
-# the alarm clock; "drift" is None where the test is off).
+# the alarm clock, "drift" None where the test is off; version 3 the model's peak level).
 _STATE_KEYS = {1: ("stats", "window"),
-               2: ("stats", "window", "tightness", "tail", "drift", "since_alarm")}
+               2: ("stats", "window", "tightness", "tail", "drift", "since_alarm"),
+               3: ("stats", "window", "tightness", "tail", "drift", "since_alarm", "peak")}
 
 # Below this many updates a channel is fed raw values; from then on values are
 # winsorised at the detection threshold, so one early spike cannot inflate the
@@ -60,6 +64,10 @@ _ROBUST_AFTER = 5
 # How far one crossing of the model's boundary tightens its clipping threshold towards
 # the typical norm (a share of the way; see MonitorConfig.crossing_rate).
 _TIGHTEN_STEP = 0.15
+# A run whose typical model norm has fallen to this fraction of its highest level since
+# warm-up is converging: its crossings of the max_ratio boundary are the heavy tail of
+# a loss near zero, not a learning rate too high for it (see Detector.update).
+CONVERGED_FALL = 1 / 20
 # After an explosion or a drift event, the step is bounded (see Detector.bounding) for
 # this many steps.
 UNSTABLE_FOR = 100
@@ -120,6 +128,8 @@ class Detection:
             optimizer also a drift.
         bounding: the step is bounded at this step: an SGD-type optimizer and an
             explosion in the last ``UNSTABLE_FOR`` steps, or recent crossings (0-dim).
+        converging: the model's typical norm has fallen to ``CONVERGED_FALL`` of its
+            peak since warm-up (0-dim).
     """
 
     mean: Tensor
@@ -144,6 +154,7 @@ class Detection:
     drift_tested: Tensor
     alarm: Tensor
     bounding: Tensor
+    converging: Tensor
 
     @property
     def norm_z(self) -> Tensor:
@@ -184,6 +195,10 @@ class Detector:
         # auto: where the model's clipping threshold sits between its boundary (0) and
         # the typical norm (1), driven by how often norms cross the boundary.
         self.tightness = torch.zeros((), dtype=torch.float32, device=device)
+        # The highest typical (log) model norm since warm-up: a run whose level has
+        # fallen far below it is converging (see update).
+        self.peak = torch.full((), -math.inf, dtype=torch.float32, device=device)
+        self._log_fall = math.log(CONVERGED_FALL)
         # Bounding the step (holding the model's level, and in auto tightening its
         # threshold on frequent crossings) only where a smaller gradient makes a smaller
         # step.
@@ -251,12 +266,17 @@ class Detector:
         # the first crossings: where the learning rate is too high for the run, a level
         # left to follow the first few dozen of them runs away (digits, normalised
         # inputs: 0.85 accuracy instead of 0.92).
-        alarm = flagged.any() if self.holds else flagged.any() | drift
+        #
+        # Once the run converges (its level fallen to CONVERGED_FALL of its peak), a
+        # sustained rise is no longer a network learning: a drift then engages bounding
+        # with SGD too.
+        converging = mean[0] < self.peak + self._log_fall
+        alarm = flagged.any() | (drift & converging) if self.holds else flagged.any() | drift
         unstable = alarm | (self.since_alarm < UNSTABLE_FOR)
         if self.tightens:
             unstable = unstable | (self.tightness > 0)
         clip_z = self._z_clip * torch.cat([calibration, self._ones])
-        bound, armed = self._boundary(clip_z * std, count, warm, unstable)
+        bound, armed = self._boundary(clip_z * std, count, warm, unstable, converging)
         # Beyond that boundary a norm is anomalous (and clipped back to it).
         anomalous = (
             (armed & valid & ~nonfinite)[: n + 1] & (x[: n + 1] > mean[: n + 1] + bound[: n + 1])
@@ -280,6 +300,7 @@ class Detector:
             concentrated=anomalous[1:] & (conc_z > cfg.concentration_z), window=self.window,
             drift=drift, drift_steps=drift_steps, drift_growth=drift_growth,
             drift_sum=drift_sum, drift_tested=tested, alarm=alarm, bounding=bounding,
+            converging=converging,
         )
 
     def _drift_test(self, z: Tensor, scored: Tensor, log_norm: Tensor
@@ -293,23 +314,24 @@ class Detector:
         growth = ((log_norm - self.drift.base) / (steps + 1)).exp()
         return alarm, total, steps, growth
 
-    def _boundary(self, bound: Tensor, count: Tensor, warm: Tensor, unstable: Tensor
-                  ) -> tuple[Tensor, Tensor]:
+    def _boundary(self, bound: Tensor, count: Tensor, warm: Tensor, unstable: Tensor,
+                  converging: Tensor) -> tuple[Tensor, Tensor]:
         """How far above its typical (log) value each channel may go, and which
         boundaries apply (``armed``).
 
         ``clip_z`` calibrated deviations; with ``max_ratio``, the model's at most
         ``log(max_ratio)`` while its deviation is unknown (warm-up, from its second
         step on: a run that blows up in its first steps is held to their scale), with
-        an SGD-type optimizer always (its crossings are what tighten the threshold),
-        and otherwise while the run is unstable (a rising norm cannot drag its own
-        threshold up then).
+        an SGD-type optimizer always (its crossings are what tighten the threshold)
+        until the run converges, and otherwise while the run is unstable (a rising norm
+        cannot drag its own threshold up then). A converging run's heavy tail is
+        clipped at its calibrated boundary, as with an adaptive optimizer.
         """
         cfg = self.config
         armed = warm
         if cfg.max_ratio is not None:
             log_r = math.log(cfg.max_ratio)
-            cap = unstable if not self.holds else torch.ones_like(unstable)
+            cap = unstable if not self.holds else unstable | ~converging
             capped = torch.where(cap, bound[:1].clamp(max=log_r), bound[:1])
             model_bound = torch.where(warm[:1], capped, log_r)
             bound = torch.cat([model_bound, bound[1:]])
@@ -351,11 +373,23 @@ class Detector:
             # for dozens of steps, bounding then held its level below the norm for
             # hundreds of steps and clipped 42 % of them (experiment 5); a learning
             # rate too high for the run crosses max_ratio from its first steps.
-            crossed = (d.anomalous[0] & (x[0] > mean[0] + self._log_ratio)).float()
+            #
+            # Nor do crossings of a run whose typical norm has fallen to CONVERGED_FALL
+            # of its peak: a classifier driving its loss towards zero (a memorising
+            # MLP on digits, its norm down 35-fold) has a heavy tail, a few hard
+            # examples dominating a batch's gradient, and 7-9 % of its steps beyond
+            # twice the typical norm; they tightened the threshold to the typical
+            # norm and clipped a quarter of the steps of healthy training. A learning
+            # rate too high for the run keeps the norm near its early scale (1/10 to
+            # 1 of its peak when digits crossed at lr 0.3, or raw inputs at 0.05).
+            crossed = (d.anomalous[0] & (x[0] > mean[0] + self._log_ratio)
+                       & ~d.converging).float()
             tightened = self.tightness + _TIGHTEN_STEP * (crossed - cfg.crossing_rate)
+            tightened = torch.where(d.converging, 0.0, tightened)  # and what they raised lifts
             self.tightness.copy_(
                 torch.where(armed[0] & update[0], tightened.clamp(0.0, 1.0), self.tightness)
             )
+        self.peak.copy_(torch.where(d.scored[0], torch.maximum(self.peak, mean[0]), self.peak))
         if cfg.calibrate:
             self.tail.update(d.norm_z, d.scored[: n + 1])
         if self.drift is not None:
@@ -383,6 +417,7 @@ class Detector:
             "tail": self.tail.state_dict(),
             "drift": None if self.drift is None else self.drift.state_dict(),
             "since_alarm": self.since_alarm.clone(),
+            "peak": self.peak.clone(),
         }
 
     def check_state(self, state: Any) -> dict[str, Any]:
@@ -427,6 +462,8 @@ class Detector:
         if "since_alarm" in state:
             checked["since_alarm"] = check_tensor(state["since_alarm"], self.since_alarm,
                                                   "detector 'since_alarm'")
+        if "peak" in state:
+            checked["peak"] = check_tensor(state["peak"], self.peak, "detector 'peak'")
         return checked
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -450,3 +487,7 @@ class Detector:
             self.drift.load_state_dict(checked["drift"])
         if "since_alarm" in checked:
             self.since_alarm.copy_(checked["since_alarm"])
+        if "peak" in checked:
+            self.peak.copy_(checked["peak"])
+        else:
+            self.peak.fill_(-math.inf)

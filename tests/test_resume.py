@@ -196,7 +196,8 @@ MALFORMED = {
     "no step": (_drop(["step"]), r"monitor state \(version 2\) lacks 'step': it was not "
                                  r"written by GradMonitor.state_dict\(\), or was damaged"),
     "no detector": (_drop(["detector"]), r"lacks 'detector'"),
-    "no tail": (_drop(["detector", "tail"]), r"detector state \(version 2\) lacks 'tail'"),
+    "no tail": (_drop(["detector", "tail"]), r"detector state \(version 3\) lacks 'tail'"),
+    "no peak": (_drop(["detector", "peak"]), r"detector state \(version 3\) lacks 'peak'"),
     "no variance": (_drop(["detector", "stats", "var"]), r"statistics state lacks 'var'"),
     "no window values": (_drop(["detector", "window", "values"]),
                          r"window state lacks 'values'"),
@@ -245,3 +246,17 @@ def test_version_1_state_still_loads():
     monitor.load_state_dict(state)
     _assert_same(detector["stats"], monitor.state_dict()["detector"]["stats"])
     assert monitor.num_steps == 40
+
+
+def test_a_detector_state_without_the_peak_level_still_loads():
+    # Version 2 (before the converging rule) had no peak: it is learnt again from there.
+    donor, _ = _trained(40)
+    state = donor.state_dict()
+    assert state["detector"]["version"] == 3 and torch.isfinite(state["detector"]["peak"])
+    del state["detector"]["peak"]
+    state["detector"]["version"] = 2
+    monitor, _ = _trained(10)
+    monitor.load_state_dict(state)
+    loaded = monitor.state_dict()["detector"]
+    assert loaded["peak"].item() == float("-inf")
+    _assert_same(state["detector"]["stats"], loaded["stats"])

@@ -249,3 +249,68 @@ def test_the_advice_names_a_rise_that_lasts_and_leaves_a_passing_one_alone(optim
 
     assert drifts(_run(optimizer, passing, 300).steps()) is None
     assert drifts(_run(optimizer, lambda t: 1.0, 300).steps()) is None
+
+
+_JUMPS = np.exp(np.random.default_rng(0).normal(0.0, 0.6, 1000))
+
+
+def _converging(t):
+    """A classifier driving its loss towards zero with SGD: the norm falls 40-fold
+    from step 25 to 225, and its tail is heavy (about 12 % of steps beyond twice the
+    typical norm, as a few hard examples dominate a batch's gradient)."""
+    return 40.0 ** (-min(max(t - 25, 0), 200) / 200) * (float(_JUMPS[t]) if t >= 25 else 1.0)
+
+
+def test_with_sgd_a_converging_run_with_a_heavy_tail_is_not_bounded():
+    # Its crossings of max_ratio are the heavy tail of a loss near zero, not a learning
+    # rate too high (that keeps the norm near its early scale: see the test above).
+    # Once the level has fallen to 1/20 of its peak, they no longer tighten the
+    # threshold, and the boundary is the one calibrated to the tail.
+    monitor = _run(torch.optim.SGD, _converging, 700)
+    steps = monitor.steps().set_index("step")
+    late = steps.loc[350:]
+    assert late.typical_norm.max() < steps.loc[30:60, "typical_norm"].max() / 20
+    assert late.bounding.mean() < 0.1
+    assert (late.action != "none").mean() < 0.05
+    assert (late.global_norm > 2 * late.typical_norm).mean() > 0.08  # the tail is there
+    # The same tail on a run whose norm has not fallen is bounded (crossings tighten).
+    flat = _run(torch.optim.SGD, lambda t: _converging(t) * 40.0 ** (min(max(t - 25, 0), 200)
+                                                                   / 200), 700)
+    assert flat.steps().set_index("step").loc[350:, "bounding"].mean() > 0.5
+
+
+def test_with_sgd_a_rise_after_convergence_engages_bounding():
+    # A converged run's norm that rises 8 % a step (a learning rate growing late) is no
+    # network learning: the drift alarm bounds the step, with SGD too.
+    def factor(t):
+        return _converging(t) * (1.08 ** max(t - 500, 0) if t < 560 else 1.0)
+
+    monitor = _run(torch.optim.SGD, factor, 560)
+    steps = monitor.steps().set_index("step")
+    events = monitor.events()
+    alarm = events.query("step >= 500").iloc[0]
+    assert alarm.step < 520
+    assert steps.loc[alarm.step + 1 : alarm.step + 20, "bounding"].all()
+    assert not steps.loc[400:499, "bounding"].any()
+
+
+def test_the_peak_level_survives_a_resume():
+    def run(resume_at=None):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        monitor = gradwatch.attach(model, opt, run_dir=False)
+        stream = GradStream(model, sigma=0.15)
+        for t in range(450):
+            if t == resume_at:
+                state = monitor.state_dict()
+                monitor.detach()
+                monitor = gradwatch.attach(model, opt, run_dir=False)
+                monitor.load_state_dict(state)
+            stream.write(diffuse=dict.fromkeys(MODULES, _converging(t)))
+            monitor.step()
+        return monitor
+
+    straight, resumed = run(), run(resume_at=300)
+    after = resumed.steps().set_index("step")
+    assert after.equals(straight.steps().set_index("step").loc[after.index])
