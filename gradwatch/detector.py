@@ -364,7 +364,7 @@ class Detector:
             decay = torch.cat([torch.where(d.bounding, cfg.ema_decay, cfg.level_decay).reshape(1),
                                self._level_decay])
         update = m.valid & ~m.nonfinite
-        self.stats.update(level, update, spread=fed, mean_decay=decay)
+        self.stats.update(level, update, spread=fed, mean_decay=decay, mean_prev=mean)
         if self.tightens:
             # A crossing of max_ratio times the typical norm tightens, a step within it
             # relaxes: at equilibrium norms cross it at crossing_rate, or the threshold

@@ -239,13 +239,16 @@ def global_norm_of(norms: Tensor) -> Tensor:
 
 
 def _overflow_scale(norms: Tensor) -> Tensor:
-    """1.0 unless the largest finite norm reaches ``_SCALE_FROM``; then its reciprocal.
+    """1.0 unless the largest finite norm reaches ``_SCALE_FROM``; then 2**50 over it.
     NaN and ``inf`` norms are left out of the maximum: they stay NaN and ``inf``
     whatever the scale, and the other layers keep their values."""
     if norms.numel() == 0:  # metadata: no sync
         return torch.ones((), dtype=norms.dtype, device=norms.device)
-    top = torch.where(torch.isfinite(norms), norms, 0.0).amax()
-    return torch.where(top >= _SCALE_FROM, top.reciprocal(), 1.0)
+    top = torch.nan_to_num(norms, nan=0.0, posinf=0.0).amax()
+    # _SCALE_FROM / max(top, _SCALE_FROM): exactly 1.0 below it; above, 2**50 / top,
+    # which scales like 1 / top, but by a power of two more, so no scaled norm is
+    # pushed into fp32's subnormals. (Three ops, no comparison or select.)
+    return top.clamp_min(_SCALE_FROM).reciprocal() * _SCALE_FROM
 
 
 def overflowed(global_norm: Tensor, layer_max: Tensor) -> Tensor:

@@ -82,10 +82,11 @@ class RowLayout:
         self.width = base + len(LAYER_FIELDS) * num_layers
 
     def build(self, step_values: dict[str, Tensor], layer_values: dict[str, Tensor]) -> Tensor:
-        """Concatenate the named 0-dim and per-layer tensors into one fp32 row."""
-        parts = [step_values[n].reshape(1).to(torch.float32) for n in STEP_FIELDS]
-        parts += [layer_values[n].to(torch.float32) for n in LAYER_FIELDS]
-        return torch.cat(parts)
+        """Concatenate the named 0-dim and per-layer tensors into one fp32 row: two
+        dispatched ops (a stack and a cat, which promote bool and integer fields to
+        fp32 as they copy), not a reshape and a cast per field."""
+        steps = torch.stack([step_values[n] for n in STEP_FIELDS]).to(torch.float32)
+        return torch.cat([steps, *(layer_values[n] for n in LAYER_FIELDS)]).to(torch.float32)
 
     def step_values(self, row: np.ndarray) -> dict[str, float]:
         """The step-level values of a host row, by name."""

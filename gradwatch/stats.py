@@ -46,27 +46,23 @@ class EmaStats:
         self.mean_weight = torch.zeros(size, dtype=torch.float32, device=device)
 
     def moments(self) -> tuple[Tensor, Tensor]:
-        """Bias-corrected ``(mean, variance)``; NaN for channels never updated."""
-        count = self.count.to(torch.float32)
-        seen = self.count > 0
-        nan = torch.full_like(self.mean, float("nan"))
-        mean_corr = torch.where(seen, self.mean_weight, 1.0)
-        var_corr = torch.where(seen, 1.0 - torch.pow(self.decay, count), 1.0)
-        return (
-            torch.where(seen, self.mean / mean_corr, nan),
-            torch.where(seen, self.var / var_corr, nan),
-        )
+        """Bias-corrected ``(mean, variance)``; NaN for channels never updated (their
+        sums and weights are all zero: 0 / 0)."""
+        var_corr = 1.0 - torch.pow(self.decay, self.count.to(torch.float32))
+        return self.mean / self.mean_weight, self.var / var_corr
 
     def update(self, x: Tensor, mask: Tensor, spread: Tensor | None = None,
-               mean_decay: Tensor | None = None) -> None:
+               mean_decay: Tensor | None = None, mean_prev: Tensor | None = None) -> None:
         """Fold ``x`` into the channels where ``mask`` is true; leave the rest untouched.
 
         The variance tracks the squared deviation from the previous corrected mean (of
         ``spread`` where given, else of ``x``), so a first update yields variance 0 and
         no spurious spread. ``mean_decay``: this step's decay of the mean, per channel
-        (the configured one when not given).
+        (the configured one when not given). ``mean_prev``: the corrected mean as
+        :meth:`moments` gives it now, where the caller has it already.
         """
-        mean_prev, _ = self.moments()
+        if mean_prev is None:
+            mean_prev, _ = self.moments()
         s = x if spread is None else spread
         dev = torch.where(self.count > 0, s - mean_prev, 0.0)
         b = self.decay
