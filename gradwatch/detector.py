@@ -287,7 +287,7 @@ class Detector:
             # Frequent crossings while the step is bounded: the model's threshold comes
             # down towards the typical norm (never below), bounding each step at a
             # typical one.
-            tight = torch.where(bounding, self.tightness, 0.0)
+            tight = torch.where(bounding, self.tightness, self._zero)
             clip_bound = torch.cat([bound[:1] * (1 - tight), bound[1 : n + 1]])
         norm_threshold = torch.where(
             armed[: n + 1], (mean[: n + 1] + clip_bound[: n + 1]).exp(), math.inf
@@ -385,7 +385,7 @@ class Detector:
             crossed = (d.anomalous[0] & (x[0] > mean[0] + self._log_ratio)
                        & ~d.converging).float()
             tightened = self.tightness + _TIGHTEN_STEP * (crossed - cfg.crossing_rate)
-            tightened = torch.where(d.converging, 0.0, tightened)  # and what they raised lifts
+            tightened = torch.where(d.converging, self._zero, tightened)  # and what they raised lifts
             self.tightness.copy_(
                 torch.where(armed[0] & update[0], tightened.clamp(0.0, 1.0), self.tightness)
             )
@@ -394,7 +394,7 @@ class Detector:
             self.tail.update(d.norm_z, d.scored[: n + 1])
         if self.drift is not None:
             self.drift.update(d.drift_sum, d.drift, d.drift_tested, mean[0])
-        self.since_alarm.copy_(torch.where(d.alarm, 0.0, self.since_alarm + 1))
+        self.since_alarm.copy_(torch.where(d.alarm, self._zero, self.since_alarm + 1))
         # The window keeps the raw log norms: quantiles are robust to a few spikes.
         self.window.push(x[: n + 1], update[: n + 1], step)
 

@@ -172,6 +172,7 @@ class GradMonitor:
             self._updates = UpdateRatio(self.layers, self.device, self._reader.shards,
                                         self._take_update_ratio)
         self._ratio_step = -1
+        # NaN per layer: a value not measured (the update ratio), or of an absent layer.
         self._no_ratio = torch.full((self.layers.num_layers,), math.nan, device=self.device)
         self._events.skip_how = skip_description(optimizer, cfg)
         # CPU: branch on decision flags to skip passes that would change nothing
@@ -399,13 +400,13 @@ class GradMonitor:
                 **context,  # loss, lr
             },
             {
-                "grad_norm": torch.where(present, m.layer_norm, math.nan),
-                "clipped_norm": torch.where(present, decision.layer_norm, math.nan),
+                "grad_norm": torch.where(present, m.layer_norm, self._no_ratio),
+                "clipped_norm": torch.where(present, decision.layer_norm, self._no_ratio),
                 "z": d.norm_z[1:],
                 "typical_norm": d.mean[1 : n + 1].exp(),
                 "norm_threshold": nan_if_inf(d.norm_threshold[1:]),
-                "max_abs": torch.where(present, m.layer_max, math.nan),
-                "concentration": torch.where(present, m.concentration, math.nan),
+                "max_abs": torch.where(present, m.layer_max, self._no_ratio),
+                "concentration": torch.where(present, m.concentration, self._no_ratio),
                 "concentration_z": d.concentration_z,
                 "value_threshold": decision.value_threshold,
                 "z_limit": d.event_limit[1:],
