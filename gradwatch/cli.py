@@ -6,8 +6,9 @@ HTML report of a recorded run (or its tables, ``--format csv|parquet``), and
 ``gradwatch summary RUN_DIR`` prints a plain-text summary. ``gradwatch demo`` trains a
 small model with faults injected at known steps, with the monitor attached, and prints
 what was caught (see :mod:`gradwatch.demo`). Errors (a missing,
-truncated or foreign run directory included) are one line on stderr and exit code 2,
-never a traceback.
+truncated or foreign run directory included) are one line on stderr and exit code 2;
+``gradwatch --debug COMMAND ...`` shows the traceback instead. Without a command it
+prints its usage and exits 2.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import ast
 import json
 import sys
 
-from . import __version__
-from .config import MonitorConfig
+from .version import __version__
 
 
 def _parse_value(text: str):
@@ -29,6 +29,8 @@ def _parse_value(text: str):
 
 
 def _config(args: argparse.Namespace) -> int:
+    from .config import MonitorConfig
+
     values = {}
     for item in args.set:
         key, sep, raw = item.partition("=")
@@ -74,8 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         "for PyTorch.",
     )
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
+    # --debug also after the command (gradwatch report RUN --debug); set only if given.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    cfg = sub.add_parser(
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[debug], **kwargs)
+
+    cfg = command(
         "config",
         help="validate monitor options and print the effective configuration",
         description="Validate MonitorConfig options and print the result as JSON.",
@@ -88,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a MonitorConfig field, e.g. clip=zscore or z_threshold=5 (repeatable)",
     )
     cfg.set_defaults(func=_config)
-    rep = sub.add_parser(
+    rep = command(
         "report",
         help="write the report of a recorded run (HTML, or its tables as CSV/Parquet)",
         description="Write a self-contained HTML report of a run directory (plots, "
@@ -103,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=("html", "csv", "parquet"), default="html",
                      help="html (default), or the three tables as csv or parquet files")
     rep.set_defaults(func=_report)
-    summ = sub.add_parser(
+    summ = command(
         "summary",
         help="print a plain-text summary of a recorded run",
         description="Print a run's status, steps, clip rate, events by kind and its "
@@ -113,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--top", type=int, default=10, metavar="N",
                       help="how many layers to list (default 10)")
     summ.set_defaults(func=_summary)
-    demo = sub.add_parser(
+    demo = command(
         "demo",
         help="train a small model with injected faults and show what gradwatch catches",
         description="Train a digits MLP twice on the same batches, plainly and with "
@@ -138,15 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("gradwatch: error: a command is needed (gradwatch --help lists them)",
+              file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except Exception as err:  # noqa: BLE001 - the command line never shows a traceback
+    except Exception as err:  # noqa: BLE001 - one line, unless --debug asks for more
+        if args.debug:
+            raise
         # RunDirError is a ValueError; OSError: the output cannot be written; anything
         # else is a file we could not make sense of.
         message = " ".join(str(err).split())[:500] or type(err).__name__
-        print(f"gradwatch {args.command}: error: {message}", file=sys.stderr)
+        print(f"gradwatch {args.command}: error: {message} (--debug shows the traceback)",
+              file=sys.stderr)
         return 2
 
 

@@ -247,3 +247,69 @@ def test_wheel_ships_every_module_and_data_file_and_renders_a_report(tmp_path):
         # Everything else was checked; say which checks this environment could not run.
         pytest.skip("optional packages missing: " + "; ".join(
             f"{k}: {v}" for k, v in result["optional"].items()))
+
+
+def test_cli_version_and_help_answer_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from gradwatch.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['report', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_bare_cli_prints_its_usage_and_exits_2():
+    out = subprocess.run([sys.executable, "-m", "gradwatch"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: gradwatch")
+    assert "a command is needed (gradwatch --help lists them)" in out.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_debug_shows_the_traceback(tmp_path, where):
+    args = ["summary", str(tmp_path / "nope")]
+    args = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    out = subprocess.run([sys.executable, "-m", "gradwatch", *args], capture_output=True,
+                         text=True)
+    assert out.returncode != 0
+    assert "Traceback (most recent call last)" in out.stderr
+    assert "RunDirError" in out.stderr and "no such run directory" in out.stderr
+    plain = subprocess.run([sys.executable, "-m", "gradwatch", "summary", str(tmp_path / "nope")],
+                           capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().endswith("(--debug shows the traceback)")
+
+
+def test_lazy_package_names_and_submodules():
+    import gradwatch
+
+    assert gradwatch.MonitorConfig().clip == "auto"
+    assert callable(gradwatch.attach) and gradwatch.distributed.local is not None
+    assert set(gradwatch.__all__) <= set(dir(gradwatch))
+    with pytest.raises(AttributeError, match="module 'gradwatch' has no attribute 'nope'"):
+        gradwatch.nope  # noqa: B018
+
+
+def test_an_output_that_cannot_be_written_is_named_as_given(tmp_path):
+    import torch
+
+    import gradwatch
+
+    model = torch.nn.Linear(2, 2)
+    monitor = gradwatch.attach(model, run_dir=tmp_path / "run")
+    for _ in range(3):
+        model(torch.ones(1, 2)).sum().backward()
+        monitor.step()
+    monitor.detach()
+    (tmp_path / "a_file").write_text("not a folder")
+    target = tmp_path / "a_file" / "r.html"  # its parent is a file: nothing can be written
+    out = subprocess.run([sys.executable, "-m", "gradwatch", "report", str(tmp_path / "run"),
+                          "-o", str(target)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"cannot write {target}:" in out.stderr and ".tmp" not in out.stderr

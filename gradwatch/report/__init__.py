@@ -18,6 +18,7 @@ pandas, matplotlib, scipy and jinja2 are imported inside the functions, so
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -78,10 +79,16 @@ def export_report(
     out = Path(out)
     if format == "html":
         text = render_html(run, source=str(run_dir))
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, out)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            # The user's path, not the temporary one beside it.
+            raise OSError(err.errno, f"cannot write {out}: {err.strerror}") from None
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name in ("steps", "layers", "events"):
