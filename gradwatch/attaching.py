@@ -29,6 +29,8 @@ def attach(
     config: MonitorConfig | None = None,
     run_dir: str | os.PathLike[str] | bool | None = True,
     wandb: bool | dict[str, Any] | Reporter = False,
+    report_to: str | Sequence[str] = (),
+    tensorboard_dir: str | os.PathLike[str] | None = None,
     reporters: Sequence[Reporter] = (),
     process_group: Any = "auto",
     **overrides: Any,
@@ -48,6 +50,13 @@ def attach(
             :class:`~gradwatch.wandb_reporter.WandbReporter` with defaults (it reuses
             ``wandb.run`` if one is active), a dict of its arguments, or a reporter.
             Under ``torch.distributed``, on rank 0 only.
+        report_to: trackers to report to by name: ``"wandb"`` (the same as
+            ``wandb=True``) and ``"tensorboard"`` (a
+            :class:`~gradwatch.tensorboard_reporter.TensorBoardReporter`). Under
+            ``torch.distributed``, on rank 0 only.
+        tensorboard_dir: where the TensorBoard event files go; by default
+            ``<run_dir>/tensorboard`` when the run is recorded, else TensorBoard's
+            ``runs/<date>_<host>``.
         reporters: more reporters (see :mod:`gradwatch.reporters`).
         process_group: under ``torch.distributed``, the group across which gradients
             are sharded; ``"auto"`` (default) finds FSDP's (see :class:`GradMonitor`).
@@ -62,12 +71,20 @@ def attach(
             cannot be skipped (the message names it and the fix).
     """
     config = resolve_config(config, overrides)
+    trackers = _trackers(report_to)
     refuse_repeated_closure(optimizer)  # before a run directory or reporter is made
     all_reporters = list(reporters)
     if dist_utils.rank() != 0:
         # Under torch.distributed every rank measures and decides alike; only global
-        # rank 0 keeps the run record and reports to W&B.
+        # rank 0 keeps the run record and reports to trackers.
         run_dir = wandb = False
+        trackers = set()
+    if "wandb" in trackers and (wandb is False or wandb is None):
+        wandb = True
+    if "tensorboard" in trackers:  # before a run directory is made
+        from .tensorboard_reporter import require_installed
+
+        require_installed()
     if wandb is not False and wandb is not None:
         from .wandb_reporter import WandbReporter
 
@@ -87,6 +104,12 @@ def attach(
         else:
             path = run_dir
         all_reporters.insert(0, RunRecorder(path, flush_every=config.flush_every))
+    if "tensorboard" in trackers:
+        from .tensorboard_reporter import TensorBoardReporter
+
+        if tensorboard_dir is None and run_dir:
+            tensorboard_dir = os.path.join(os.fspath(path), "tensorboard")
+        all_reporters.append(TensorBoardReporter(tensorboard_dir))
     try:
         return GradMonitor(model, optimizer, scaler=scaler, config=config,
                            reporters=all_reporters, process_group=process_group)
@@ -95,3 +118,19 @@ def attach(
             with contextlib.suppress(OSError):
                 created.rmdir()
         raise
+
+
+TRACKERS = ("wandb", "tensorboard")
+
+
+def _trackers(report_to: str | Sequence[str]) -> set[str]:
+    """The tracker names of ``report_to``, checked."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(
+                f"report_to={name!r} is not a tracker gradwatch reports to: use "
+                f"{' or '.join(map(repr, TRACKERS))} (MLflow is not supported yet), or pass "
+                "your own reporter in reporters=[...]"
+            )
+    return set(names)
