@@ -35,7 +35,7 @@ import numpy as np
 from torch import Tensor
 
 from .config import MonitorConfig
-from .rows import RowLayout, row_metrics
+from .rows import ACTIONS, RowLayout, row_metrics
 
 
 
@@ -44,6 +44,19 @@ class ReporterRefusal(Exception):
     was told to write): a configuration error, raised to the caller of
     ``monitor.step()`` instead of being downgraded to a warning like a failure
     during the run."""
+
+class ActionCounts:
+    """How many steps took each action so far: the cumulative ``actions/<action>``
+    metrics every tracker gets beside a step's own."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(ACTIONS, 0)
+
+    def add(self, action: str) -> dict[str, int]:
+        """Count one step's ``action``; the counts as ``{"actions/<action>": n}``."""
+        self.counts[action] += 1
+        return {f"actions/{a}": n for a, n in self.counts.items()}
+
 
 @dataclass(frozen=True)
 class RunInfo:

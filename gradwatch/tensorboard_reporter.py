@@ -20,13 +20,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from .reporters import Chunk, Reporter, RunInfo
-from .rows import ACTIONS
+from .reporters import ActionCounts, Chunk, Reporter, RunInfo
 
 INSTALL = 'pip install "gradwatch[tensorboard]"'
 
@@ -64,7 +62,7 @@ class TensorBoardReporter(Reporter):
         self.layer_norms = layer_norms
         self.histograms = histograms
         self.writer: Any = None
-        self._actions: Counter[str] = Counter({a: 0 for a in ACTIONS})
+        self._actions = ActionCounts()
 
     def start(self, run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -81,12 +79,9 @@ class TensorBoardReporter(Reporter):
         p, writer = self.prefix, self.writer
         for step, metrics in zip(chunk.steps, chunk.metrics(layer_norms=self.layer_norms)):
             step = int(step)
-            self._actions[metrics["action"]] += 1
-            for key, value in metrics.items():
+            for key, value in {**metrics, **self._actions.add(metrics["action"])}.items():
                 if key != "action" and not (isinstance(value, float) and math.isnan(value)):
                     writer.add_scalar(f"{p}/{key}", value, step)
-            for action, count in self._actions.items():
-                writer.add_scalar(f"{p}/actions/{action}", count, step)
         for event in chunk.events:
             layer = f" in {event['layer']}" if event.get("layer") else ""
             writer.add_text(f"{p}/events", f"**{event['kind']}**{layer}, action "

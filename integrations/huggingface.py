@@ -49,6 +49,12 @@ class GradWatchTrainerCallback(TrainerCallback):
         run_dir: as in :func:`gradwatch.attach` (main process only).
         wandb: ``"auto"`` (default): the Trainer's W&B run when ``report_to`` includes
             ``"wandb"``; ``True``/dict/reporter as in :func:`gradwatch.attach`; ``False``.
+        tensorboard: ``"auto"`` (default): when ``report_to`` includes
+            ``"tensorboard"`` and tensorboard is installed, a
+            :class:`~gradwatch.tensorboard_reporter.TensorBoardReporter` writing beside
+            the Trainer's own scalars (into ``TENSORBOARD_LOGGING_DIR`` when it is set,
+            else ``<output_dir>/runs/gradwatch``); ``True`` for one whatever
+            ``report_to`` says; ``False``.
         resume_from: the checkpoint directory that ``trainer.train(resume_from_checkpoint=)``
             resumes from, when it is not under ``output_dir``; by default the state is
             read from ``output_dir/checkpoint-<global step>``.
@@ -56,11 +62,15 @@ class GradWatchTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, *, config: gradwatch.MonitorConfig | None = None, run_dir: Any = True,
-                 wandb: Any = "auto", resume_from: str | os.PathLike[str] | None = None,
+                 wandb: Any = "auto", tensorboard: Any = "auto",
+                 resume_from: str | os.PathLike[str] | None = None,
                  **overrides: Any) -> None:
         self.config = resolve_config(config, overrides)
+        if tensorboard not in ("auto", True, False):
+            raise ValueError(f"tensorboard={tensorboard!r} must be 'auto', True or False")
         self.run_dir = run_dir
         self.wandb = wandb
+        self.tensorboard = tensorboard
         self.resume_from = resume_from
         self.monitor: gradwatch.GradMonitor | None = None
 
@@ -76,10 +86,15 @@ class GradWatchTrainerCallback(TrainerCallback):
         scaler = getattr(optimizer, "scaler", None)
         main = state.is_world_process_zero
         wandb: Any = False
+        reporters = []
         if main:
             wandb = self.wandb
             if wandb == "auto":
                 wandb = self._trainer_wandb(args)
+            if self._trainer_tensorboard(args, self.tensorboard):
+                from gradwatch.tensorboard_reporter import TensorBoardReporter
+
+                reporters.append(TensorBoardReporter(self._tensorboard_dir(args)))
         # A later train() continues the last one's run: its state and its run directory.
         carried, run_dir = None, self.run_dir if main else False
         previous = self.monitor
@@ -90,7 +105,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         self.monitor = gradwatch.attach(
             model, inner,
             scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
-            config=self.config, run_dir=run_dir, wandb=wandb,
+            config=self.config, run_dir=run_dir, wandb=wandb, reporters=reporters,
         )
         if carried is not None and state.global_step == 0:
             self.monitor.load_state_dict(carried)
@@ -123,6 +138,27 @@ class GradWatchTrainerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
             self.monitor.detach()
+
+    @staticmethod
+    def _tensorboard_dir(args) -> str:
+        """The Trainer's TensorBoard directory where it is known before its callback
+        makes it (``TENSORBOARD_LOGGING_DIR``; ``logging_dir`` before transformers 5),
+        else ``<output_dir>/runs/gradwatch``: beside the Trainer's
+        ``<output_dir>/runs/<date>_<host>``, so ``--logdir <output_dir>/runs`` shows both."""
+        folder = os.getenv("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None)
+        if folder:
+            return os.path.expanduser(folder)
+        return os.path.join(args.output_dir, "runs", "gradwatch")
+
+    @staticmethod
+    def _trainer_tensorboard(args, tensorboard: Any) -> bool:
+        if tensorboard != "auto":
+            return bool(tensorboard)
+        report_to = args.report_to or []
+        if isinstance(report_to, str):
+            report_to = [report_to]
+        wanted = "tensorboard" in report_to or "all" in report_to
+        return wanted and importlib.util.find_spec("tensorboard") is not None
 
     @staticmethod
     def _trainer_wandb(args) -> Any:

@@ -32,7 +32,7 @@ import torch
 
 import gradwatch
 from gradwatch.config import resolve_config
-from gradwatch.reporters import Chunk, Reporter
+from gradwatch.reporters import ActionCounts, Chunk, Reporter
 
 INSTALL = 'pip install "gradwatch[lightning]"'
 
@@ -218,10 +218,12 @@ class LoggerReporter(Reporter):
     def __init__(self, loggers: list[Any], prefix: str = "gradwatch") -> None:
         self.loggers = loggers
         self.prefix = prefix
+        self._actions = ActionCounts()
 
     def report(self, chunk: Chunk) -> None:
         p = self.prefix
         for step, values in zip(chunk.steps, chunk.metrics()):
+            values = {**values, **self._actions.add(values["action"])}
             metrics = {f"{p}/{k}": float(v) for k, v in values.items() if k != "action"}
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=int(step))

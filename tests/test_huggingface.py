@@ -66,8 +66,8 @@ def _args(tmp_path, steps, **kwargs):
         gradient_accumulation_steps=ACCUMULATE, learning_rate=0.05, optim="sgd",
         lr_scheduler_type=kwargs.pop("lr_scheduler_type", "constant"), max_grad_norm=kwargs.pop("max_grad_norm", 0.0),
         report_to=kwargs.pop("report_to", "none"), save_strategy=kwargs.pop("save", "no"),
-        logging_steps=1000, use_cpu=True, seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, **kwargs,
+        logging_steps=kwargs.pop("logging_steps", 1000), use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, **kwargs,
     )
 
 
@@ -518,3 +518,36 @@ def test_a_train_after_one_that_raised_continues_the_run(tmp_path):
     run = load_run(tmp_path / "run")
     assert list(run.steps.step) == list(range(7 + 20))
     assert run.meta["status"] == "finished"
+
+
+def test_report_to_tensorboard_writes_beside_the_trainers_own_scalars(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def train(out):
+        gw = GradWatchTrainerCallback(run_dir=tmp_path / out / "run", log_every=10)
+        args = _args(tmp_path / out, 20, report_to="tensorboard", logging_steps=5)
+        trainer = transformers.Trainer(model=TinyRegressor(), args=args,
+                                       train_dataset=Data(400), callbacks=[gw])
+        trainer.train()
+        assert not (tmp_path / out / "run" / "tensorboard").exists()  # beside the Trainer's
+        return gw.monitor.steps()
+
+    def scalars(folder):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        acc.Reload()
+        return acc
+
+    # By default beside the Trainer's own run: <output_dir>/runs/gradwatch.
+    steps = train("a")
+    runs = tmp_path / "a" / "out" / "runs"
+    (theirs,) = [p for p in runs.iterdir() if p.name != "gradwatch"]
+    assert "train/loss" in scalars(theirs).Tags()["scalars"]
+    norms = {e.step: e.value for e in scalars(runs / "gradwatch").Scalars("gradwatch/global_norm")}
+    assert sorted(norms) == list(steps.step) == list(range(20))
+    assert [norms[s] for s in range(20)] == pytest.approx(list(steps.global_norm), rel=1e-6)
+    # With the Trainer's directory set, in that very directory.
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    train("b")
+    tags = scalars(tmp_path / "tb").Tags()["scalars"]
+    assert "train/loss" in tags and "gradwatch/global_norm" in tags

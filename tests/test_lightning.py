@@ -268,6 +268,10 @@ def test_metrics_reach_a_csv_logger(tmp_path):
     assert "gradwatch/grad_norm/net.0" in rows.columns
     assert rows["gradwatch/loss"].values == pytest.approx(steps.loss.values, rel=1e-6)
     assert rows["gradwatch/lr"].values == pytest.approx([0.05] * 30, rel=1e-6)
+    # The same key scheme as W&B and TensorBoard: cumulative counts of each action.
+    counts = (steps.action == "none").cumsum()
+    assert rows["gradwatch/actions/none"].values == pytest.approx(counts.values)
+    assert rows["gradwatch/actions/skip"].max() == 0
 
 
 class TinyLBFGS(Tiny):
