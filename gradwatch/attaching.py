@@ -51,9 +51,12 @@ def attach(
             ``wandb.run`` if one is active), a dict of its arguments, or a reporter.
             Under ``torch.distributed``, on rank 0 only.
         report_to: trackers to report to by name: ``"wandb"`` (the same as
-            ``wandb=True``) and ``"tensorboard"`` (a
-            :class:`~gradwatch.tensorboard_reporter.TensorBoardReporter`). Under
-            ``torch.distributed``, on rank 0 only.
+            ``wandb=True``), ``"tensorboard"`` (a
+            :class:`~gradwatch.tensorboard_reporter.TensorBoardReporter`) and
+            ``"mlflow"`` (a :class:`~gradwatch.mlflow_reporter.MlflowReporter` in the
+            active MLflow run, or a new one at ``MLFLOW_TRACKING_URI``; pass one in
+            ``reporters`` for other options). Under ``torch.distributed``, on rank 0
+            only.
         tensorboard_dir: where the TensorBoard event files go; by default
             ``<run_dir>/tensorboard`` when the run is recorded, else TensorBoard's
             ``runs/<date>_<host>``.
@@ -85,6 +88,10 @@ def attach(
         from .tensorboard_reporter import require_installed
 
         require_installed()
+    if "mlflow" in trackers:
+        from .mlflow_reporter import MlflowReporter
+
+        all_reporters.append(MlflowReporter())
     if wandb is not False and wandb is not None:
         from .wandb_reporter import WandbReporter
 
@@ -120,7 +127,7 @@ def attach(
         raise
 
 
-TRACKERS = ("wandb", "tensorboard")
+TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
 def _trackers(report_to: str | Sequence[str]) -> set[str]:
@@ -130,7 +137,7 @@ def _trackers(report_to: str | Sequence[str]) -> set[str]:
         if name not in TRACKERS:
             raise ValueError(
                 f"report_to={name!r} is not a tracker gradwatch reports to: use "
-                f"{' or '.join(map(repr, TRACKERS))} (MLflow is not supported yet), or pass "
-                "your own reporter in reporters=[...]"
+                f"{', '.join(map(repr, TRACKERS))}, or pass your own reporter in "
+                "reporters=[...]"
             )
     return set(names)

@@ -55,6 +55,10 @@ class GradWatchTrainerCallback(TrainerCallback):
             the Trainer's own scalars (into ``TENSORBOARD_LOGGING_DIR`` when it is set,
             else ``<output_dir>/runs/gradwatch``); ``True`` for one whatever
             ``report_to`` says; ``False``.
+        mlflow: ``"auto"`` (default): when ``report_to`` includes ``"mlflow"`` and
+            mlflow is installed, a :class:`~gradwatch.mlflow_reporter.MlflowReporter`
+            logging into the run the Trainer's MLflow callback started; ``True`` or
+            ``False`` to choose.
         resume_from: the checkpoint directory that ``trainer.train(resume_from_checkpoint=)``
             resumes from, when it is not under ``output_dir``; by default the state is
             read from ``output_dir/checkpoint-<global step>``.
@@ -62,15 +66,17 @@ class GradWatchTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, *, config: gradwatch.MonitorConfig | None = None, run_dir: Any = True,
-                 wandb: Any = "auto", tensorboard: Any = "auto",
+                 wandb: Any = "auto", tensorboard: Any = "auto", mlflow: Any = "auto",
                  resume_from: str | os.PathLike[str] | None = None,
                  **overrides: Any) -> None:
         self.config = resolve_config(config, overrides)
-        if tensorboard not in ("auto", True, False):
-            raise ValueError(f"tensorboard={tensorboard!r} must be 'auto', True or False")
+        for name, value in (("tensorboard", tensorboard), ("mlflow", mlflow)):
+            if value not in ("auto", True, False):
+                raise ValueError(f"{name}={value!r} must be 'auto', True or False")
         self.run_dir = run_dir
         self.wandb = wandb
         self.tensorboard = tensorboard
+        self.mlflow = mlflow
         self.resume_from = resume_from
         self.monitor: gradwatch.GradMonitor | None = None
 
@@ -91,10 +97,14 @@ class GradWatchTrainerCallback(TrainerCallback):
             wandb = self.wandb
             if wandb == "auto":
                 wandb = self._trainer_wandb(args)
-            if self._trainer_tensorboard(args, self.tensorboard):
+            if self._wanted(args, "tensorboard", self.tensorboard):
                 from gradwatch.tensorboard_reporter import TensorBoardReporter
 
                 reporters.append(TensorBoardReporter(self._tensorboard_dir(args)))
+            if self._wanted(args, "mlflow", self.mlflow):
+                from gradwatch.mlflow_reporter import MlflowReporter
+
+                reporters.append(MlflowReporter())
         # A later train() continues the last one's run: its state and its run directory.
         carried, run_dir = None, self.run_dir if main else False
         previous = self.monitor
@@ -151,14 +161,16 @@ class GradWatchTrainerCallback(TrainerCallback):
         return os.path.join(args.output_dir, "runs", "gradwatch")
 
     @staticmethod
-    def _trainer_tensorboard(args, tensorboard: Any) -> bool:
-        if tensorboard != "auto":
-            return bool(tensorboard)
+    def _wanted(args, tracker: str, choice: Any) -> bool:
+        """Whether to report to ``tracker``: ``choice`` if given, else whether the
+        Trainer reports to it (``report_to``) and it is installed."""
+        if choice != "auto":
+            return bool(choice)
         report_to = args.report_to or []
         if isinstance(report_to, str):
             report_to = [report_to]
-        wanted = "tensorboard" in report_to or "all" in report_to
-        return wanted and importlib.util.find_spec("tensorboard") is not None
+        wanted = tracker in report_to or "all" in report_to
+        return wanted and importlib.util.find_spec(tracker) is not None
 
     @staticmethod
     def _trainer_wandb(args) -> Any:

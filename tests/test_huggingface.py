@@ -551,3 +551,28 @@ def test_report_to_tensorboard_writes_beside_the_trainers_own_scalars(tmp_path, 
     train("b")
     tags = scalars(tmp_path / "tb").Tags()["scalars"]
     assert "train/loss" in tags and "gradwatch/global_norm" in tags
+
+
+def test_report_to_mlflow_logs_into_the_trainers_run(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "0")
+    gw = GradWatchTrainerCallback(run_dir=False, log_every=10)
+    trainer = transformers.Trainer(model=TinyRegressor(),
+                                   args=_args(tmp_path, 20, report_to="mlflow", logging_steps=5),
+                                   train_dataset=Data(400), callbacks=[gw])
+    trainer.train()
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert "train_loss" in run.data.metrics or "loss" in run.data.metrics  # the Trainer's
+    norms = {m.step: m.value for m in client.get_metric_history(run.info.run_id,
+                                                                 "gradwatch/global_norm")}
+    steps = gw.monitor.steps()
+    assert sorted(norms) == list(range(20))
+    assert [norms[s] for s in range(20)] == pytest.approx(list(steps.global_norm), rel=1e-6)

@@ -87,9 +87,10 @@ def test_tensorboard_dir_and_the_default_without_a_record(tmp_path, monkeypatch)
 
 
 def test_an_unknown_tracker_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"report_to='mlflow' is not a tracker gradwatch "
-                       r"reports to: use 'wandb' or 'tensorboard'"):
-        gradwatch.attach(mlp(), run_dir=False, report_to=["tensorboard", "mlflow"])
+    with pytest.raises(ValueError, match=r"report_to='neptune' is not a tracker gradwatch "
+                       r"reports to: use 'wandb', 'tensorboard', 'mlflow', or pass your own "
+                       r"reporter in reporters=\[...\]"):
+        gradwatch.attach(mlp(), run_dir=False, report_to=["tensorboard", "neptune"])
 
 
 def test_a_failing_writer_warns_once_and_training_and_the_record_go_on(tmp_path):
