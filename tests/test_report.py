@@ -309,6 +309,145 @@ def test_report_of_a_run_still_being_recorded(tmp_path):
     assert "No steps recorded yet" in html_of(empty, tmp_path)
 
 
+LONG = "encoder_stack_with_a_long_descriptive_name.block_11.self_attention_output_projection_layer"
+
+
+class LongNames(nn.Module):
+    """A layer whose name is 90 characters long (nested modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.encoder_stack_with_a_long_descriptive_name = nn.ModuleDict({"block_11": nn.ModuleDict(
+            {"self_attention_output_projection_layer": nn.Linear(32, 32)})})
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.encoder_stack_with_a_long_descriptive_name["block_11"]
+        inner = block["self_attention_output_projection_layer"]
+        return self.out(torch.relu(inner(torch.relu(self.embed(x)))))
+
+
+def test_long_layer_names_are_cut_in_the_middle():
+    from gradwatch.report.plots import MAX_LABEL_CHARS, layer_labels
+    from gradwatch.report.summary import _middle_ellipsis
+
+    assert MAX_LABEL_CHARS == 30
+    # At dots where that keeps nearly as much: whole module names at both ends.
+    assert (_middle_ellipsis("encoder.layers.11.self_attention.out_proj", 30)
+            == "encoder.layers.11\u2026out_proj")
+    assert _middle_ellipsis("x" * 90, 30) == "x" * 15 + "\u2026" + "x" * 14
+    assert _middle_ellipsis("encoder.layers.11.mlp", 30) == "encoder.layers.11.mlp"
+    assert _middle_ellipsis(LONG, 30) == "encoder_stack_w\u2026ojection_layer"
+    # Wide room: the character limit; narrow room: cut further, still both ends.
+    assert layer_labels([LONG, "out"], 8, room=1000) == [_middle_ellipsis(LONG, 30), "out"]
+    narrow = layer_labels(["W" * 90], 8, room=100)[0]
+    assert narrow.startswith("WWW") and narrow.endswith("WWW") and "\u2026" in narrow
+    assert len(narrow) < 15
+
+
+def test_heatmap_labels_fit_and_keep_both_ends_of_a_long_name(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from gradwatch.report.plots import MAX_LABEL_CHARS, heatmap_figure
+
+    run = train(tmp_path / "long", LongNames(), steps=60)
+    names = [rec["layer"] for rec in run.meta["layers"]]
+    assert names == ["embed", LONG, "out"] and len(LONG) == 90
+    for relative in (False, True):
+        fig = heatmap_figure(run, names, relative=relative)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        ax = fig.axes[0]
+        labels = ax.get_yticklabels()
+        texts = [t.get_text() for t in labels]
+        assert texts[0] == "embed" and texts[2] == "out"
+        label = texts[1]
+        assert len(label) <= MAX_LABEL_CHARS and "\u2026" in label
+        assert label.startswith("encoder_stack_") and label.endswith("_layer")
+        # Every label lies inside the figure (not cut at its left edge).
+        renderer = canvas.get_renderer()
+        assert min(t.get_window_extent(renderer).x0 for t in labels) >= 0
+    text = html_of(tmp_path / "long", tmp_path)
+    assert LONG in text  # the tables name it in full
+    assert '<img src="data:image/png;base64,' in text
+    assert 'alt="heatmap of log10 gradient norm per layer"' in text
+
+
+def test_events_table_bounds_the_layers_cell(runs):
+    from gradwatch.report import render_html
+
+    run = load_run(runs("evil"))
+    text = render_html(run, source="evil")
+    assert "are counted, not named" not in text  # nothing to shorten in this run
+    many = [f"blocks.{i}.mlp" for i in range(200)]
+    run.events.loc[0, "layers"] = ",".join(many)
+    run.events.loc[1, "layers"] = "a,b,c,d,e"
+    text = render_html(run, source="evil")
+    table = text[text.index('id="events"'):]
+    assert ('<td class="name">blocks.0.mlp, blocks.1.mlp, blocks.2.mlp, blocks.3.mlp, '
+            "blocks.4.mlp and 195 more</td>") in table
+    assert "blocks.5.mlp" not in text
+    assert '<td class="name">a, b, c, d, e</td>' in table  # five: all named
+    assert ("<p class=\"note\">An event&#x27;s layers beyond the first 5 are counted, not "
+            "named; all of them: <code>gradwatch report RUN_DIR --format csv</code>.</p>"
+            ) in text
+
+
+def test_report_is_named_after_the_run_directory(runs, tmp_path, monkeypatch):
+    from gradwatch.report.page import run_name
+
+    run_dir = tmp_path / "my-experiment-7"
+    shutil.copytree(runs("healthy"), run_dir)
+    for source in (run_dir, str(run_dir) + "/", "."):
+        monkeypatch.chdir(run_dir if source == "." else tmp_path)
+        text = export_report(source, tmp_path / "r.html").read_text(encoding="utf-8")
+        assert "<title>gradwatch report: my-experiment-7</title>" in text, source
+        assert "<h1>gradwatch report: my-experiment-7</h1>" in text, source
+    monkeypatch.chdir(run_dir / "steps")
+    assert run_name("..") == "my-experiment-7"
+    assert run_name("") == "run"  # rendered from a RunData alone, no directory
+
+
+WARMUP_NOTE = ("Shaded: the warm-up, steps 0..{last} (warmup_steps = {n}), while the monitor "
+               "gathers the statistics a layer needs before the adaptive modes may flag or "
+               "clip it.")
+
+
+def test_warmup_is_shaded_and_explained(runs, tmp_path):
+    from gradwatch.report import render_html
+    from gradwatch.report.plots import plot_global_norm, plot_loss, warmup_span
+
+    run = train(tmp_path / "warm", mlp(), steps=80, warmup_steps=25)
+    assert warmup_span(run) == (0, 25)
+    text = html_of(tmp_path / "warm", tmp_path)
+    assert WARMUP_NOTE.format(last=24, n=25) in text
+    assert "Shaded: the warm-up, as above." not in text  # no loss recorded: no loss plot
+
+    # The span follows the configuration and the steps on record.
+    run = load_run(runs("healthy"))
+    run.meta["config"]["warmup_steps"] = 40
+    assert warmup_span(run) == (0, 40)
+    run.steps["loss"] = np.linspace(2.0, 0.5, len(run.steps))
+    text = render_html(run, source="healthy")
+    assert WARMUP_NOTE.format(last=39, n=40) in text
+    assert "Shaded: the warm-up, as above." in text  # under the loss plot
+    shaded = (plot_global_norm(run), plot_loss(run))
+    run.meta["config"]["warmup_steps"] = 1000  # longer than the run: all of it
+    assert warmup_span(run) == (0, 300)
+    run.meta["config"]["warmup_steps"] = 40
+    later = RunData(run.meta, run.steps[run.steps["step"] >= 30], run.layers, run.events)
+    assert warmup_span(later) == (30, 40)  # a record that starts within the warm-up
+    later = RunData(run.meta, run.steps[run.steps["step"] >= 40], run.layers, run.events)
+    assert warmup_span(later) is None  # or after it (a restored monitor, a new directory)
+    del run.meta["config"]["warmup_steps"]  # a record without it: nothing shaded
+    assert warmup_span(run) is None
+    text = render_html(run, source="healthy")
+    assert "Shaded: the warm-up" not in text
+    # The shading is drawn: without it the plots differ.
+    assert plot_global_norm(run) != shaded[0] and plot_loss(run) != shaded[1]
+
+
 # ---------------------------------------------------------------------- advice
 def test_first_layer_rule_fires_on_unscaled_inputs(runs):
     found = advice_of(runs("unscaled"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import html
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from .plots import (
     plot_heatmap,
     plot_loss,
     plot_update_ratio,
+    warmup_span,
 )
 from .summary import _int, _num, layer_summary, run_summary
 
@@ -43,6 +45,7 @@ MAX_HEATMAP_LAYERS = 60
 MAX_TABLE_LAYERS = 20
 MAX_DISTRIBUTION_LAYERS = 12
 MAX_EVENT_ROWS = 500
+MAX_EVENT_LAYERS = 5  # an event's layers cell names this many, then "and N more"
 
 
 def render_html(run: RunData, source: str = "") -> str:
@@ -50,8 +53,8 @@ def render_html(run: RunData, source: str = "") -> str:
 
     Args:
         run: the recorded run (see :func:`gradwatch.report.read_run`).
-        source: where it was read from; shown under the title, whose last part
-            names the page.
+        source: where it was read from; shown under the title. The run's name
+            (the directory's, see :func:`run_name`) names the page.
 
     Returns:
         The page. Every string that comes from the record (layer names, reasons,
@@ -70,10 +73,11 @@ def render_html(run: RunData, source: str = "") -> str:
     distributed = ranked[:MAX_DISTRIBUTION_LAYERS]
     page = _environment().get_template("report.html.j2")
     return page.render(
-        title=Path(source).name if source else "run",
+        title=run_name(source),
         source=source,
         header=_header(run),
         advice=_advice(run, advise(run.meta, run.steps, run.layers, run.events)),
+        warmup=_warmup(run),
         global_norm=plot_global_norm(run),
         loss=plot_loss(run),
         update_ratio=plot_update_ratio(run),
@@ -84,6 +88,18 @@ def render_html(run: RunData, source: str = "") -> str:
                        "plot": plot_distributions(run, distributed)},
         events=_events(run),
     )
+
+
+def run_name(source: str) -> str:
+    """The name of the run recorded in the directory ``source``: the directory's name.
+
+    The path is made absolute first (without following links), so ``"."``, ``".."``
+    or ``"runs/x/"`` name the directory they point at. ``"run"`` when there is no
+    ``source``.
+    """
+    if not source:
+        return "run"
+    return Path(os.path.abspath(source)).name or source
 
 
 @functools.cache
@@ -161,6 +177,15 @@ def _header(run: RunData) -> dict[str, Any]:
     }
 
 
+def _warmup(run: RunData) -> dict[str, int] | None:
+    """The warm-up shaded on the plots over steps (``None``: none in the record)."""
+    span = warmup_span(run)
+    if span is None:
+        return None
+    return {"first": span[0], "last": span[1] - 1,
+            "steps": int(run.meta["config"]["warmup_steps"])}
+
+
 def _advice(run: RunData, advice: list[Advice]) -> dict[str, Any]:
     """What :func:`gradwatch.advice.advise` found, and the checks it ran."""
     from ..advice import CHECKS
@@ -211,15 +236,36 @@ def _layer_table(run: RunData, summary: pd.DataFrame) -> dict[str, Any]:
 
 
 def _events(run: RunData) -> dict[str, Any]:
-    """The first ``MAX_EVENT_ROWS`` events, one row each, and how many there are."""
+    """The first ``MAX_EVENT_ROWS`` events, one row each, and how many there are.
+
+    An event's layers cell names the first ``MAX_EVENT_LAYERS`` layers and counts the
+    rest; ``layers_cut`` says whether any row was shortened so.
+    """
     ev = run.events
+    shown = ev.head(MAX_EVENT_ROWS)
     return {
         "count": len(ev),
+        "layer_limit": MAX_EVENT_LAYERS,
+        "layers_cut": any(len(_layer_names(layers)) > MAX_EVENT_LAYERS
+                          for layers in shown["layers"].astype(str)),
         "rows": [
             {"step": int(r.step), "kind": str(r.kind), "action": str(r.action),
-             "layers": str(r.layers).replace(",", ", "), "z": _num(r.z, "+.2f"),
+             "layers": _layer_list(str(r.layers)), "z": _num(r.z, "+.2f"),
              "global_norm": _num(r.global_norm, ".3g"), "threshold": _num(r.threshold, ".3g"),
              "reason": str(r.reason)}
-            for r in ev.head(MAX_EVENT_ROWS).itertuples()
+            for r in shown.itertuples()
         ],
     }
+
+
+def _layer_list(layers: str, limit: int = MAX_EVENT_LAYERS) -> str:
+    """An event's comma-joined ``layers`` as text: the first ``limit`` of them, then
+    how many more (an event that involves every layer of a large model names 5)."""
+    names = _layer_names(layers)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _layer_names(layers: str) -> list[str]:
+    """The names in an event's comma-joined ``layers`` (none for a model-level event)."""
+    return [n for n in layers.split(",") if n]

@@ -15,13 +15,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..rows import ACTIONS
-from .summary import _ellipsis, _printable
+from .summary import _middle_ellipsis, _printable
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from ..run_record import RunData
 
 MAX_HEATMAP_COLUMNS = 400  # steps are binned (max per bin) down to this many columns
 MAX_LINE_POINTS = 4000  # beyond this the global norm is drawn as a binned envelope
+MAX_LABEL_CHARS = 30  # a layer name on an axis is cut in the middle beyond this
 # Every plot over steps uses the same horizontal extent, so they line up on the page.
 _LEFT, _RIGHT = 0.16, 0.86
 EVENT_STYLE = {  # kind: (marker, colour, label)
@@ -32,6 +36,7 @@ EVENT_STYLE = {  # kind: (marker, colour, label)
 }
 ACTION_COLOURS = {"none": "#c7c7c7", "clip_norm": "#1f77b4", "clip_value": "#9467bd",
                   "skip": "#d62728"}
+WARMUP_COLOUR = "#f2c14e"
 
 
 def _png(fig: Any) -> str:
@@ -60,6 +65,80 @@ def bin_max(matrix: np.ndarray, max_cols: int) -> tuple[np.ndarray, np.ndarray]:
     if matrix.shape[1] == 0:
         return matrix, starts[:0]
     return np.fmax.reduceat(matrix, starts, axis=1), starts
+
+
+def layer_labels(names: list[str], fontsize: float, room: float) -> list[str]:
+    """Layer names as axis labels that fit: printable, cut in the middle (start and end
+    kept) to at most ``MAX_LABEL_CHARS`` characters, and further until each is at most
+    ``room`` points wide in ``fontsize`` (the width left of the axes).
+
+    Args:
+        names: the layer names.
+        fontsize: the labels' font size, in points.
+        room: the width they may take, in points.
+
+    Returns:
+        One label per name, in order.
+    """
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    # Measured with the font the labels are drawn in, in points (independent of dpi).
+    measure, prop = TextToPath(), FontProperties(size=fontsize)
+    labels = []
+    for name in names:
+        text, width = _printable(name), MAX_LABEL_CHARS
+        label = _middle_ellipsis(text, width)
+        while (width > 8
+               and measure.get_text_width_height_descent(label, prop, ismath=False)[0] > room):
+            width -= 1
+            label = _middle_ellipsis(text, width)
+        labels.append(label)
+    return labels
+
+
+def _set_layer_ticks(fig: Figure, ax: Axes, names: list[str], fontsize: float) -> None:
+    """Label the y ticks of ``ax`` with ``names``, shortened to fit left of the axes."""
+    from matplotlib import rcParams
+
+    # The room between the figure's edge and the axes, less the tick and its padding.
+    room = (_LEFT * fig.get_figwidth() * 72 - rcParams["ytick.major.size"]
+            - rcParams["ytick.major.pad"] - 2)
+    ax.set_yticklabels(layer_labels(names, fontsize, room), fontsize=fontsize)
+    for label in ax.get_yticklabels():
+        label.set_parse_math(False)  # a '$' in a layer name is not mathtext
+
+
+def warmup_span(run: RunData) -> tuple[int, int] | None:
+    """The warm-up steps the record holds, as ``(first, end)``, ``end`` excluded.
+
+    The warm-up is the monitor's first ``config.warmup_steps`` steps (numbered from
+    0), while it gathers the statistics a layer needs before the adaptive modes may
+    flag or clip it.
+
+    Returns:
+        ``None`` when no step was recorded, the configuration has no
+        ``warmup_steps``, or the record starts after the warm-up (a monitor restored
+        from a checkpoint and recorded into a new directory).
+    """
+    config = run.meta.get("config")
+    n = config.get("warmup_steps") if isinstance(config, dict) else None
+    if run.steps.empty or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    steps = run.steps["step"].to_numpy()
+    first, last = int(steps.min()), int(steps.max())
+    if first >= n:
+        return None
+    return first, min(n, last + 1)
+
+
+def _shade_warmup(ax: Axes, span: tuple[int, int] | None) -> None:
+    """Shade the warm-up on a plot over steps (step ``s`` spans ``[s, s + 1)``)."""
+    if span is None:
+        return
+    first, end = span
+    ax.axvspan(first, end, color=WARMUP_COLOUR, alpha=0.25, lw=0, zorder=0,
+               label=f"warm-up (steps {first}..{end - 1})")
 
 
 def plot_global_norm(run: RunData) -> str | None:
@@ -115,6 +194,7 @@ def plot_global_norm(run: RunData) -> str | None:
         if (~on).any():  # NaN/Inf norm: mark at the top edge
             ax.scatter(ex[~on], np.full((~on).sum(), 0.97), marker=marker, s=60,
                        color=colour, transform=top, zorder=4, clip_on=False, label=label)
+    _shade_warmup(ax, warmup_span(run))
     if ok.any():
         ax.set_yscale("log")
     ax.set_xlim(x.min(), x.max() + 1)  # the same step axis as the plots below
@@ -158,6 +238,7 @@ def plot_loss(run: RunData) -> str | None:
     # Log scale for a positive loss that falls over orders of magnitude.
     if (ys > 0).all() and ys.max() > 100 * ys.min():
         ax.set_yscale("log")
+    _shade_warmup(ax, warmup_span(run))
     handles, labels = ax.get_legend_handles_labels()
     lr = steps["lr"].to_numpy(dtype=float) if "lr" in steps else np.full(len(x), np.nan)
     if np.isfinite(lr).any():
@@ -216,7 +297,7 @@ def plot_update_ratio(run: RunData) -> str | None:
                     label="their median")
     for name in shown:
         ax.plot(x, table[name].to_numpy(dtype=float), marker=".", ms=3, lw=0.8,
-                label=_ellipsis(_printable(str(name)), 30))
+                label=_middle_ellipsis(_printable(str(name)), MAX_LABEL_CHARS))
     ax.axhline(1e-3, color="#111111", ls=":", lw=1.2, label="1e-3 (rule of thumb)")
     ax.set_yscale("log")
     steps = run.steps["step"].to_numpy(dtype=float) if not run.steps.empty else x
@@ -261,6 +342,15 @@ def plot_heatmap(run: RunData, shown: list[str], relative: bool = False) -> str 
     Returns:
         A PNG ``data:`` URI, or ``None`` when there is no layer record or no layer.
     """
+    fig = heatmap_figure(run, shown, relative)
+    return None if fig is None else _png(fig)
+
+
+def heatmap_figure(run: RunData, shown: list[str], relative: bool = False) -> Figure | None:
+    """The figure of :func:`plot_heatmap` (same arguments), or ``None`` without one.
+
+    Each layer's name labels its row, cut in the middle to fit left of the axes.
+    """
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -296,10 +386,7 @@ def plot_heatmap(run: RunData, shown: list[str], relative: bool = False) -> str 
                       cmap=ListedColormap(["#d62728"]), shading="flat", rasterized=True)
     ax.set_ylim(len(shown), 0)
     ax.set_yticks(np.arange(len(shown)) + 0.5)
-    ax.set_yticklabels([_ellipsis(_printable(n), 40) for n in shown],
-                       fontsize=7 if len(shown) > 30 else 8)
-    for label in ax.get_yticklabels():
-        label.set_parse_math(False)  # a '$' in a layer name is not mathtext
+    _set_layer_ticks(fig, ax, shown, fontsize=7 if len(shown) > 30 else 8)
     ax.set_xlabel("step")
     bottom = max(0.5 / fig.get_figheight(), 0.06)
     top = 1 - 0.25 / fig.get_figheight()
@@ -311,7 +398,7 @@ def plot_heatmap(run: RunData, shown: list[str], relative: bool = False) -> str 
                   (True, True): "both"}[(bool(finite.min() < lo), bool(finite.max() > hi))]
     fig.colorbar(mesh, cax=cax, extend=extend).set_label(
         "log10 (norm / layer median)" if relative else "log10 norm", fontsize=8)
-    return _png(fig)
+    return fig
 
 
 def plot_actions(run: RunData) -> str | None:
@@ -394,9 +481,7 @@ def plot_distributions(run: RunData, layers: list[str]) -> str | None:
                flierprops={"markersize": 3, "markeredgecolor": "#d62728"},
                medianprops={"color": "#111111"})
     ax.set_yticks(np.arange(1, len(names) + 1))
-    ax.set_yticklabels([_ellipsis(_printable(n), 40) for n in names], fontsize=8)
-    for label in ax.get_yticklabels():
-        label.set_parse_math(False)
+    _set_layer_ticks(fig, ax, names, fontsize=8)
     ax.set_ylim(len(names) + 0.6, 0.4)
     ax.set_xlabel("log10 gradient norm")
     ax.grid(True, axis="x", alpha=0.3)

@@ -180,4 +180,38 @@ def _printable(text: str) -> str:
 
 
 def _ellipsis(text: str, width: int) -> str:
+    """``text`` cut at the end to at most ``width`` characters (the last one "…")."""
     return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _middle_ellipsis(text: str, width: int) -> str:
+    """``text`` cut in the middle to at most ``width`` characters, its start and end kept.
+
+    A layer name tells layers apart at both ends (``encoder.layers.11`` ...
+    ``attn.out_proj``), so the cut goes in the middle, at dots where that keeps nearly
+    as much (whole module names read better than halves of them), and each end keeps
+    at least a quarter of the room: ``encoder.layers.11…attn.out_proj``.
+    """
+    if len(text) <= width:
+        return text
+    if width < 5:
+        return text[:width]
+    room = width - 1  # one character for the ellipsis
+    least = room // 4
+    # A cut inside a module name costs this many characters of the score.
+    penalty = 6
+    # The lengths of the tails that start right after a dot.
+    dots = [len(text) - i - 1 for i, c in enumerate(text) if c == "."]
+    best: tuple[int, int, int, int] | None = None
+    for h in range(least, room - least + 1):
+        budget = room - h
+        whole = max((t for t in dots if least <= t <= budget), default=None)
+        for t, cost in ((budget, penalty), (whole, 0)):
+            if t is None:
+                continue
+            cost += 0 if text[h] == "." else penalty
+            score = (h + t - cost, -abs(h - t), h, t)
+            if best is None or score > best:
+                best = score
+    _, _, h, t = best  # type: ignore[misc]
+    return text[:h] + "\u2026" + text[len(text) - t:]
