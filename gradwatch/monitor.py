@@ -493,6 +493,18 @@ class GradMonitor:
         self.flush()
         return self._history.layer_table()
 
+    def _repr_html_(self) -> str:
+        """The run so far, as a notebook displays it: status, steps, clip rate, events
+        and the worst layers (flushes first: one host transfer)."""
+        from .report.notebook import run_html
+        from .run_record import RunData
+
+        meta = {"status": "running" if self._attached else "detached",
+                "layers": self.layers.describe(), "config": self.config.to_dict()}
+        run = RunData(meta, self.steps(), self.history(), self.events())
+        where = f" recording to {self.run_dir}" if self.run_dir is not None else ""
+        return run_html(run, title=f"gradwatch monitor{where}")
+
     def steps(self):
         """Per-step model-level records as a pandas DataFrame (one row per step).
 
