@@ -223,13 +223,14 @@ def test_html_is_self_contained_with_every_section(runs, tmp_path):
     for tag in ("<script", "<link", "<iframe", "@import", "url("):
         assert tag not in text.lower()
     srcs = re.findall(r'src="([^"]*)"', text)
-    # global norm, heatmap (absolute and relative), clipping timeline, distributions
-    assert len(srcs) == 5
+    # global norm, update ratio, heatmap (absolute and relative), clipping timeline,
+    # distributions
+    assert len(srcs) == 6
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', text))
-    for section in ("advice", "global-norm", "heatmap", "clipping", "layers",
+    for section in ("advice", "global-norm", "update-ratio", "heatmap", "clipping", "layers",
                     "distributions", "events"):
         assert f'id="{section}"' in text, section
 

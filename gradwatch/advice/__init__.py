@@ -27,7 +27,8 @@ The rules and their thresholds (``CHECKS`` holds the same list as text):
   fix.
 * **update ratio too high**: a layer's median update-to-weight ratio (measured once
   per logging interval, after the first 20% of the run, at least 3 times) >= 1e-2,
-  ten times the usual 1e-3: learning rate too high for that layer.
+  and either 10 times the median over the layers or >= 0.1: learning rate too high
+  for that layer.
 * **a layer that does not learn**: a layer with gradients whose median update ratio
   is <= 1e-6 while other layers move: not in the optimizer, a learning rate of 0,
   vanishing gradients, or updates below the weights' (bf16) precision.
@@ -70,7 +71,14 @@ from .optimisation import (
     norm_trend,
     recurrent_explosions,
 )
-from .updates import UPDATE_DEAD, UPDATE_HIGH, UPDATE_MIN_MEASURED, update_ratios
+from .updates import (
+    UPDATE_DEAD,
+    UPDATE_EXTREME,
+    UPDATE_HIGH,
+    UPDATE_MIN_MEASURED,
+    UPDATE_OUTLIER,
+    update_ratios,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,8 +101,9 @@ CHECKS = (
     f">= {DRIFT_TOTAL_GROWTH:g}x the typical norm over the {DRIFT_AFTER} steps after)",
     f"explosions concentrated in recurrent layers (>= {RECURRENT_MIN_EVENTS} events, "
     f">= {RECURRENT_SHARE:.0%} recurrent, binomial p < {RECURRENT_P:g})",
-    f"update-to-weight ratio of a layer far above 1e-3 (median >= {UPDATE_HIGH:g}, at "
-    f"least {UPDATE_MIN_MEASURED} measurements) or near zero (<= {UPDATE_DEAD:g}) while "
+    f"update-to-weight ratio of a layer far above 1e-3 (median >= {UPDATE_HIGH:g} and "
+    f"{UPDATE_OUTLIER:g}x the layers' median, or >= {UPDATE_EXTREME:g}; at least "
+    f"{UPDATE_MIN_MEASURED} measurements) or near zero (<= {UPDATE_DEAD:g}) while "
     "others move",
     f"repeated non-finite gradients (>= {NONFINITE_MIN} steps)",
     f"repeated AMP overflows beyond the loss scale's calibration (>= {AMP_MIN}, in "
