@@ -610,7 +610,8 @@ def test_cli_refuses_files_named_like_parts(recorded, tmp_path, capsys, kind, ma
         captured = capsys.readouterr()
         assert captured.out == ""
         assert re.fullmatch(rf"gradwatch {command}: error: {re.escape(str(planted))}: "
-                            rf"{match}\n", captured.err), captured.err
+                            rf"{match} \(--debug shows the traceback\)\n",
+                            captured.err), captured.err
     assert not out.exists()
 
 
