@@ -27,6 +27,10 @@ GRANULARITIES = ("module", "parameter")
 # Upper bounds of the fields that size a buffer on the device (see their docstrings).
 MAX_WINDOW = 100_000
 MAX_LOG_EVERY = 10_000
+# After an explosion or a drift event, the step is bounded (see Detector.bounding) for
+# this many steps. (Here, where nothing imports torch, so the event texts that quote it
+# are read without it.)
+UNSTABLE_FOR = 100
 # Fields that one clip mode alone reads: changed from their default under another
 # mode they do nothing, which is worth a warning (the user expected an effect).
 MODE_ONLY_FIELDS = {

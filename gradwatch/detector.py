@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import MonitorConfig
+from .config import UNSTABLE_FOR, MonitorConfig
 from .measure import Measurement
 from .stats import Cusum, EmaStats, RecentWindow, RunningQuantile, check_tensor
 
@@ -68,9 +68,6 @@ _TIGHTEN_STEP = 0.15
 # warm-up is converging: its crossings of the max_ratio boundary are the heavy tail of
 # a loss near zero, not a learning rate too high for it (see Detector.update).
 CONVERGED_FALL = 1 / 20
-# After an explosion or a drift event, the step is bounded (see Detector.bounding) for
-# this many steps.
-UNSTABLE_FOR = 100
 # The tail: a running quantile of each norm's z-scores against a Gaussian's.
 _TAIL_Q = 0.95
 _GAUSS_TAIL = NormalDist().inv_cdf(_TAIL_Q)

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import MonitorConfig
-from .detector import UNSTABLE_FOR
+from .config import UNSTABLE_FOR, MonitorConfig
 from .rows import ACTIONS, RowLayout
 
 EVENT_COLUMNS = ("step", "kind", "layer", "layers", "action", "reason", "z", "global_norm",

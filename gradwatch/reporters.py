@@ -29,13 +29,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from torch import Tensor
 
 from .config import MonitorConfig
 from .rows import ACTIONS, RowLayout, row_metrics
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where a row is built, so reading rows needs none
+    from torch import Tensor
 
 ACTIONS = ("none", "clip_norm", "clip_value", "skip")
 NONE, CLIP_NORM, CLIP_VALUE, SKIP = range(4)
@@ -85,6 +86,8 @@ class RowLayout:
         """Concatenate the named 0-dim and per-layer tensors into one fp32 row: two
         dispatched ops (a stack and a cat, which promote bool and integer fields to
         fp32 as they copy), not a reshape and a cast per field."""
+        import torch
+
         steps = torch.stack([step_values[n] for n in STEP_FIELDS]).to(torch.float32)
         return torch.cat([steps, *(layer_values[n] for n in LAYER_FIELDS)]).to(torch.float32)
 
@@ -136,4 +139,6 @@ def row_metrics(layout: RowLayout, layer_names: Sequence[str], row: np.ndarray,
 
 def nan_if_inf(t: Tensor) -> Tensor:
     """Replace +-inf by NaN (undefined thresholds are stored as NaN)."""
+    import torch
+
     return torch.where(torch.isinf(t), math.nan, t)

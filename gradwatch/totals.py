@@ -86,7 +86,7 @@ class RunTotals:
                              steps["action"].astype(str))
         if len(layers):
             totals.add_layer_z(layers["z"].to_numpy(dtype=float),
-                               layers["layer"].astype(str).to_numpy())
+                               layers["layer"].array)
         if len(events):
             totals.add_events(events["kind"].astype(str))
         return totals

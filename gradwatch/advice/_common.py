@@ -45,6 +45,33 @@ def layer_names(meta: dict[str, Any]) -> list[str]:
     return [str(rec["layer"]) for rec in meta.get("layers", [])]
 
 
+def layer_positions(layers: pd.DataFrame, names: list[str]) -> np.ndarray:
+    """Each row's layer as its position in ``names`` (-1 where it is not there).
+
+    A recorded layer column is categorical: its codes are mapped once per category,
+    so a record of millions of rows makes no string per row."""
+    import pandas as pd
+
+    pos = {n: i for i, n in enumerate(names)}
+    col = layers["layer"]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        table = np.array([pos.get(str(c), -1) for c in col.cat.categories] + [-1])
+        return table[col.cat.codes.to_numpy()]  # code -1 (missing) -> the last, -1
+    return np.array([pos.get(str(v), -1) for v in col], dtype=np.int64)
+
+
+def layer_grid(layers: pd.DataFrame, names: list[str], column: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``column`` as a steps x ``names`` grid (NaN where a layer has no row), and the
+    steps of its rows, in order."""
+    steps, row = np.unique(layers["step"].to_numpy(), return_inverse=True)
+    col = layer_positions(layers, names)
+    grid = np.full((len(steps), len(names)), np.nan)
+    keep = col >= 0
+    grid[row[keep], col[keep]] = layers[column].to_numpy(dtype=float)[keep]
+    return grid, steps
+
+
 def value_clipped(layers: pd.DataFrame) -> np.ndarray:
     """Rows of the layer table where that layer was clipped by value at that step.
 

@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._common import ALPHA, Advice, _finite_positive, _g, _names, layer_names, value_clipped
+from ._common import (
+    ALPHA,
+    Advice,
+    _finite_positive,
+    _g,
+    _names,
+    layer_grid,
+    layer_names,
+    value_clipped,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,10 +43,7 @@ def first_layer_dominance(meta: dict[str, Any], layers: pd.DataFrame) -> Advice 
     names = layer_names(meta)
     if len(names) < 2 or layers.empty:
         return None
-    norms = layers.pivot_table(
-        index="step", columns="layer", values="grad_norm", aggfunc="first", observed=False
-    ).reindex(columns=names)
-    grid = norms.to_numpy(dtype=float)
+    grid, _ = layer_grid(layers, names, "grad_norm")
     first, others = grid[:, 0], grid[:, 1:]
     others = np.where(_finite_positive(others), others, np.nan)
     with np.errstate(all="ignore"):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..advice._common import layer_grid, layer_positions
 from ..rows import ACTIONS
 from .summary import _middle_ellipsis, _printable
 
@@ -315,18 +316,12 @@ def _layer_matrix(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """log10 gradient norms, ``layers`` x steps (NaN where absent or non-finite), a mask
     of the non-finite cells, and the steps of the columns."""
-    lay = run.layers
-    lay = lay[lay["layer"].astype(str).isin(layers)]
-    all_steps = np.unique(run.layers["step"].to_numpy())
-    row = {name: i for i, name in enumerate(layers)}
-    r = lay["layer"].astype(str).map(row).to_numpy()
-    c = np.searchsorted(all_steps, lay["step"].to_numpy())
-    norm = lay["grad_norm"].to_numpy(dtype=float)
-    values = np.full((len(layers), len(all_steps)), np.nan)
-    bad = np.zeros_like(values, dtype=bool)
+    norms, all_steps = layer_grid(run.layers, layers, "grad_norm")
+    norms = norms.T
+    present, _ = layer_grid(run.layers.assign(present=1.0), layers, "present")
     with np.errstate(divide="ignore", invalid="ignore"):
-        values[r, c] = np.where(np.isfinite(norm) & (norm > 0), np.log10(norm), np.nan)
-    bad[r, c] = ~np.isfinite(norm)
+        values = np.where(np.isfinite(norms) & (norms > 0), np.log10(norms), np.nan)
+    bad = (present.T == 1.0) & ~np.isfinite(norms)
     return values, bad, all_steps
 
 
@@ -461,10 +456,11 @@ def plot_distributions(run: RunData, layers: list[str]) -> str | None:
     if run.layers.empty or not layers:
         return None
     lay = run.layers
-    layer_col = lay["layer"].astype(str)
+    position = layer_positions(lay, layers)
+    norm = lay["grad_norm"].to_numpy(dtype=float)
     data, names = [], []
-    for name in layers:
-        v = lay.loc[layer_col == name, "grad_norm"].to_numpy(dtype=float)
+    for i, name in enumerate(layers):
+        v = norm[position == i]
         v = v[np.isfinite(v) & (v > 0)]
         if len(v):
             data.append(np.log10(v))

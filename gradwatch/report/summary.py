@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..advice._common import layer_positions
 from ..totals import EVENT_KINDS, RunTotals
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def layer_summary(run: RunData) -> pd.DataFrame:
         else np.ones(len(lay))
     )
     frame = pd.DataFrame({
-        "layer": pd.Categorical(lay["layer"].astype(str), categories=names),
+        "layer": pd.Categorical.from_codes(layer_positions(lay, names), categories=names),
         "step": lay["step"].to_numpy(),
         "z": np.where(np.isfinite(z), z, np.nan),
         "norm": np.where(finite, norm, np.nan),
