@@ -273,12 +273,6 @@ class RunData:
     layers: pd.DataFrame
     events: pd.DataFrame
 
-    def _repr_html_(self) -> str:
-        """The run at a glance, as a notebook displays it."""
-        from .report.notebook import run_html
-
-        return run_html(self)
-
 
 def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``meta.json``; raise :class:`RunDirError` with one line if bad."""

@@ -50,3 +50,16 @@ def test_isolated_pass_sweep_reports_floor_and_state():
     assert row["floor_ms"] == pytest.approx(1e3 * 4 * 20_000 / 1e10)
     for key in ("clip_grad_norm_ms", "none_ms", "norm_ms", "auto_ms", "state_kib"):
         assert row[key] > 0
+
+
+def test_report_scale_records_and_times_report_and_summary(tmp_path, capsys):
+    import report_scale
+
+    assert report_scale.main(["--steps", "300", "--layers", "12", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded 300 steps x 12 layers" in out
+    lines = [line for line in out.splitlines() if line.startswith("gradwatch ")]
+    assert [line.split()[1] for line in lines] == ["report", "summary"]
+    assert all(line.endswith("exit 0") for line in lines)
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="heatmap"' in html and "nonfinite" in html  # the planted NaN

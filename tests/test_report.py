@@ -577,10 +577,16 @@ def test_export_rejects_an_unknown_format(runs, tmp_path):
         export_report(runs("healthy"), tmp_path / "x", format="pdf")
 
 
-def test_report_module_reexports_load_run():
+def test_report_module_load_run_reads_what_run_record_reads(runs):
+    import pandas as pd
+
     from gradwatch import report, run_record
 
-    assert report.load_run is run_record.load_run
+    shown, plain = report.load_run(runs("evil")), run_record.load_run(runs("evil"))
+    assert isinstance(shown, run_record.RunData) and shown.meta == plain.meta
+    for table in ("steps", "layers", "events"):
+        pd.testing.assert_frame_equal(getattr(shown, table), getattr(plain, table))
+    assert "<table>" in shown._repr_html_()  # and a notebook displays it
 
 
 def test_importing_report_modules_stays_light():

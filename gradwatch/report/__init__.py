@@ -23,7 +23,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..run_record import RunData, RunDirError, load_run
+from ..run_record import RunData, RunDirError
+from .notebook import load_shown_run as load_run
 from .page import render_html
 from .plots import bin_max as bin_max  # importable from here before the split
 from .plots import bin_starts as bin_starts

@@ -6,14 +6,28 @@ report print; every string from the record is escaped."""
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+import os
 
+from ..run_record import RunData, load_run
 from .summary import _ellipsis, _int, _num, _printable, layer_summary, run_summary
 
-if TYPE_CHECKING:
-    from ..run_record import RunData
-
 TOP = 5  # layers listed
+
+
+class ShownRun(RunData):
+    """A run read back (:func:`gradwatch.report.load_run`) that a notebook displays as
+    :func:`run_html`."""
+
+    def _repr_html_(self) -> str:
+        return run_html(self)
+
+
+def load_shown_run(run_dir: str | os.PathLike[str]) -> ShownRun:
+    """Read a run directory back: ``meta.json`` and the steps, layers and events
+    tables (:func:`gradwatch.run_record.load_run`, whose :class:`RunDirError` it
+    raises), as a :class:`ShownRun`, which a notebook displays as the run at a glance."""
+    run = load_run(run_dir)
+    return ShownRun(run.meta, run.steps, run.layers, run.events)
 
 
 def run_html(run: RunData, title: str = "gradwatch run", top: int = TOP) -> str:
