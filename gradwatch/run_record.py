@@ -343,12 +343,22 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         frames = [f for f in frames if len(f)]
         if frames:
             df = pd.concat(frames, ignore_index=True)
-            df = df.drop_duplicates(subset=keys[table], keep="last")
-            df = df.sort_values(keys[table], kind="stable").reset_index(drop=True)
+            # One session's parts hold each step once, in order (a part's rows by step,
+            # then by layer in model order): sorting and deduplicating millions of layer
+            # rows would change nothing. Sessions (resumes) may overlap; events are
+            # few, and ordered by kind within a step.
+            if (table == "events" or len(firsts) > 1
+                    or not df["step"].is_monotonic_increasing):
+                df = df.drop_duplicates(subset=keys[table], keep="last")
+                df = df.sort_values(keys[table], kind="stable").reset_index(drop=True)
         else:
             df = _empty(table)
         if table == "layers":
-            df["layer"] = pd.Categorical(df["layer"].astype(str), categories=names)
+            # Recoded to this run's layers in model order: no string per row.
+            layer = df["layer"]
+            if not isinstance(layer.dtype, pd.CategoricalDtype):
+                layer = layer.astype(str)
+            df["layer"] = pd.Categorical(layer, categories=names)
         tables[table] = df
     return RunData(meta=meta, steps=tables["steps"], layers=tables["layers"],
                    events=tables["events"])
