@@ -64,7 +64,14 @@ def layer_grid(layers: pd.DataFrame, names: list[str], column: str
                ) -> tuple[np.ndarray, np.ndarray]:
     """``column`` as a steps x ``names`` grid (NaN where a layer has no row), and the
     steps of its rows, in order."""
-    steps, row = np.unique(layers["step"].to_numpy(), return_inverse=True)
+    step = layers["step"].to_numpy()
+    if len(step) and bool(np.all(step[1:] >= step[:-1])):  # as load_run returns it
+        first = np.empty(len(step), dtype=bool)
+        first[:1] = True
+        first[1:] = step[1:] != step[:-1]
+        steps, row = step[first], np.cumsum(first) - 1
+    else:
+        steps, row = np.unique(step, return_inverse=True)
     col = layer_positions(layers, names)
     grid = np.full((len(steps), len(names)), np.nan)
     keep = col >= 0

@@ -316,12 +316,17 @@ def _layer_matrix(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """log10 gradient norms, ``layers`` x steps (NaN where absent or non-finite), a mask
     of the non-finite cells, and the steps of the columns."""
-    norms, all_steps = layer_grid(run.layers, layers, "grad_norm")
+    # Absent cells are NaN in the grid; a recorded NaN or Inf norm is stored as inf,
+    # so the two stay apart in one grid.
+    lay = run.layers
+    recorded = lay["grad_norm"].to_numpy(dtype=float)
+    norms, all_steps = layer_grid(
+        lay.assign(grad_norm=np.where(np.isfinite(recorded), recorded, np.inf)),
+        layers, "grad_norm")
     norms = norms.T
-    present, _ = layer_grid(run.layers.assign(present=1.0), layers, "present")
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.where(np.isfinite(norms) & (norms > 0), np.log10(norms), np.nan)
-    bad = (present.T == 1.0) & ~np.isfinite(norms)
+    bad = np.isinf(norms)
     return values, bad, all_steps
 
 
