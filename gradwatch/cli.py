@@ -60,6 +60,15 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .report import _require
+    from .report.compare import write_compare
+
+    _require("matplotlib")
+    print(f"wrote {write_compare([args.run_a, args.run_b], args.output)}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -125,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--top", type=int, default=10, metavar="N",
                       help="how many layers to list (default 10)")
     summ.set_defaults(func=_summary)
+    comp = command(
+        "compare",
+        help="overlay two recorded runs in one HTML page",
+        description="Write one HTML page with two runs side by side: their summaries "
+        "(steps, clip and skip rates, events, median norm, final loss) in one table, and "
+        "their global norms, losses and clip rates overlaid over the steps.",
+    )
+    comp.add_argument("run_a", metavar="RUN_A", help="a run directory (has meta.json)")
+    comp.add_argument("run_b", metavar="RUN_B", help="another run directory")
+    comp.add_argument("-o", "--output", metavar="PATH", default="compare.html",
+                      help="the HTML file (default compare.html)")
+    comp.set_defaults(func=_compare)
     demo = command(
         "demo",
         help="train a small model with injected faults and show what gradwatch catches",

@@ -79,17 +79,7 @@ def export_report(
     run = read_run(run_dir)
     out = Path(out)
     if format == "html":
-        text = render_html(run, source=str(run_dir))
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, out)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            # The user's path, not the temporary one beside it.
-            raise OSError(err.errno, f"cannot write {out}: {err.strerror}") from None
+        _write_text(out, render_html(run, source=str(run_dir)))
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name in ("steps", "layers", "events"):
@@ -100,6 +90,20 @@ def export_report(
         else:
             frame.to_parquet(path, index=False)
     return out
+
+
+def _write_text(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` whole or not at all (a temporary file renamed)."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        # The user's path, not the temporary one beside it.
+        raise OSError(err.errno, f"cannot write {out}: {err.strerror}") from None
 
 
 def read_run(run_dir: str | os.PathLike[str]) -> RunData:
