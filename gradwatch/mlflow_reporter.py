@@ -132,7 +132,7 @@ def _plain(event: dict[str, Any]) -> dict[str, Any]:
     """An event with plain JSON values (numpy numbers as Python ones, NaN as None)."""
     out = {}
     for key, value in event.items():
-        if hasattr(value, "item"):
+        if hasattr(value, "item"):  # a numpy number of a host row (never a device tensor)
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             value = None

@@ -46,7 +46,6 @@ from .context import TrainingContext
 from .detector import Detection, Detector
 from .events import EventDecoder
 from .gate import OptimizerGate, make_gate, skip_description
-from .update_ratio import UpdateRatio
 from .history import StepHistory
 from .layers import LayerTable
 from .measure import GradReader, Measurement
@@ -57,6 +56,8 @@ from .reporters import Chunk, ProbeInput, Reporter, ReporterSet, RunInfo
 from .result import StepResult
 from .rows import CLIP_NORM, CLIP_VALUE, NONE, SKIP, RowLayout, nan_if_inf
 from .step_guard import StepGuard
+from .transfer import HostTransfer
+from .update_ratio import UpdateRatio
 
 # Version 2 keeps the detector's statistics under "detector" (version 1: flat).
 STATE_VERSION = 2
@@ -137,11 +138,8 @@ class GradMonitor:
                                     self.layer_z_threshold, skip_how="")
         self._history = StepHistory(self._layout, self.layers.names, self._events,
                                     cfg.history_limit)
-        self._buffer = torch.empty((cfg.log_every, self._layout.width), dtype=torch.float32,
-                                   device=self.device)
-        self._pending = 0
+        self._transfer = HostTransfer(self._layout.width, cfg.log_every, self.device)
         self._step = 0
-        self._extras: dict[int, dict[str, Tensor]] = {}
         self._exit_error: str | None = None
         self._warned_scaled = False
         self._warned_unhandled = False
@@ -151,7 +149,6 @@ class GradMonitor:
         self._guard = StepGuard()
         self._amp_flag = torch.full((), float(self.scaler is not None), device=self.device)
         self._context = TrainingContext(self.device)
-        self._probes: list[tuple[Any, int]] = []
         self._reporters = ReporterSet()
         self._gate: OptimizerGate | None = None
         self._attached = True
@@ -275,7 +272,7 @@ class GradMonitor:
                 m = self._reader.measure()
                 self._guard.check(m, unstepped)
                 d = self._detector.score(m)
-                self._run_probes(m)
+                self._transfer.run_probes(self._step, lambda: self._probe_input(m))
                 decision = self._policy.decide(m, d)
                 decision = self._policy.apply_(m, d, decision, self._editor)
                 skip_z, skipped = self._skip_(m, d)
@@ -315,30 +312,14 @@ class GradMonitor:
                 stacklevel=4,
             )
 
-    def _run_probes(self, m: Measurement) -> None:
-        """Values reporters asked for at this step (e.g. gradient value histograms),
-        computed on the device from the pre-clip gradients and held until the flush."""
-        for reporter, every in list(self._probes):
-            if self._step % every:
-                continue
-            inputs = ProbeInput(
-                grads=m.grads,
-                grad_layers=tuple(self.layers.param_layer[i] for i in m.plan.positions),
-                layer_max_abs=m.layer_max,
-                recent_log_norms=self._detector.recent_log_norms(),
-            )
-            try:
-                out = reporter.probe(inputs)
-            except Exception as err:  # noqa: BLE001 - reporting must never stop training
-                self._probes.remove((reporter, every))
-                warnings.warn(
-                    f"gradwatch: {type(reporter).__name__}'s device probe failed "
-                    f"({type(err).__name__}: {err}); it is switched off and training "
-                    "continues",
-                    stacklevel=3,
-                )
-                continue
-            self._extras.setdefault(self._step, {}).update(out)
+    def _probe_input(self, m: Measurement) -> ProbeInput:
+        """What reporters' device probes read at this step (pre-clip gradients)."""
+        return ProbeInput(
+            grads=m.grads,
+            grad_layers=tuple(self.layers.param_layer[i] for i in m.plan.positions),
+            layer_max_abs=m.layer_max,
+            recent_log_norms=self._detector.recent_log_norms(),
+        )
 
     def _skip_(self, m: Measurement, d: Detection) -> tuple[Tensor, Tensor]:
         """Skip: a z-score beyond ``skip_threshold``, or non-finite gradients (unless a
@@ -415,14 +396,13 @@ class GradMonitor:
                 "update_ratio": self._no_ratio,  # filled in after optimizer.step()
             },
         )
-        self._buffer[self._pending].copy_(row)
-        self._pending += 1
-        if self._updates is not None and self._pending == 1:
+        self._transfer.push(row)
+        if self._updates is not None and self._transfer.pending == 1:
             self._ratio_step = self._step
             self._gate.measure_next(self._updates)
         result = StepResult(self._step, row, self._layout, self.layers.names)
         self._step += 1
-        if self._pending == self.config.log_every:
+        if self._transfer.full:
             self.flush()
         return result
 
@@ -430,22 +410,22 @@ class GradMonitor:
         """Write the update ratio of the optimizer step just taken into the row of the
         monitor step before it, if that row still waits in the device buffer."""
         with self._lock:
-            if self._pending == 0 or self._step - self._pending != self._ratio_step:
+            pending = self._transfer.pending
+            if pending == 0 or self._step - pending != self._ratio_step:
                 return
             layer = self._layout.layer
-            row = self._buffer[0]
+            row = self._transfer.rows[0]
             row[layer["update_ratio"]] = torch.where(row[layer["present"]] > 0, ratio, math.nan)
 
     # ------------------------------------------------------------------ host side
     def flush(self) -> None:
         """Copy the buffered rows to the host (one transfer; synchronises)."""
         with self._lock:
-            if self._pending == 0:
+            if self._transfer.pending == 0:
                 return
-            rows_np, host_extras = self._to_host(self._buffer[: self._pending])
-            first = self._step - self._pending
+            first = self._step - self._transfer.pending
+            rows_np, host_extras = self._transfer.take()
             steps = np.arange(first, self._step, dtype=np.int64)
-            self._pending = 0
             new = self._history.add(steps, rows_np)
             if len(self._reporters):
                 self._reporters.call("report", Chunk(steps, rows_np, new, host_extras,
@@ -460,24 +440,6 @@ class GradMonitor:
                         "gradwatch.attach(model, optimizer), or use nonfinite='zero'",
                         stacklevel=4,  # flush <- _record <- step <- the training loop
                     )
-
-    def _to_host(self, rows: Tensor) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:
-        """The rows, and the probes' values riding along, in one transfer."""
-        extras, self._extras = self._extras, {}
-        if not extras:
-            return rows.cpu().numpy().copy(), {}  # the one host sync
-        flat = [t.reshape(-1).to(torch.float32) for d in extras.values() for t in d.values()]
-        host = torch.cat([rows.reshape(-1), *flat]).cpu().numpy()  # the one host sync
-        rows_np = host[: rows.numel()].reshape(rows.shape).copy()
-        offset = rows.numel()
-        host_extras: dict[int, dict[str, np.ndarray]] = {}
-        for step, values in extras.items():
-            for name, t in values.items():
-                host_extras.setdefault(step, {})[name] = (
-                    host[offset : offset + t.numel()].reshape(t.shape).copy()
-                )
-                offset += t.numel()
-        return rows_np, host_extras
 
     def history(self):
         """Per-layer, per-step records as a long pandas DataFrame.
@@ -566,7 +528,6 @@ class GradMonitor:
             self._detector.check_state(detector)
             self.flush()  # rows already measured belong to the steps before the restore
             self._detector.load_state_dict(detector)
-            self._pending = 0
             self._step = int(state["step"])
             self._history.events = [dict(e) for e in state.get("events", [])]
             self._guard.forget()  # a restore is not a repeated step
@@ -593,7 +554,7 @@ class GradMonitor:
             if not isinstance(every, int) or isinstance(every, bool) or every < 1:
                 raise ValueError(f"{type(reporter).__name__}.probe_every={every!r} must be "
                                  "an integer >= 1 or None")
-            self._probes.append((reporter, every))
+            self._transfer.add_probe(reporter, every)
         self._reporters.reporters.append(reporter)
         exit_hooks.register(self, self._close_at_exit)
 
@@ -665,7 +626,7 @@ class GradMonitor:
     def memory_bytes(self) -> int:
         """Device memory the monitor holds: its statistics and the row buffer."""
         state = self._detector.state_dict()
-        tensors = [*state["stats"].values(), *state["window"].values(), self._buffer]
+        tensors = [*state["stats"].values(), *state["window"].values(), self._transfer.rows]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property

@@ -144,7 +144,7 @@ def test_logging_step_transfers_once():
         stream.write()
         monitor.step()
     # Nothing is left on the device once a logging step has run.
-    assert monitor._pending == 0
+    assert monitor._transfer.pending == 0
     assert len(monitor.steps()) == 8
 
 
